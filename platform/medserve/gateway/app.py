@@ -1,0 +1,52 @@
+"""The gateway application: a Ray Serve ingress deployment over a FastAPI app.
+
+Every inference route runs inside one audit scope, so an answered, refused or
+failed request leaves exactly one record. Bodies are parsed inside that scope
+(not by FastAPI before the route runs) for the same reason: a malformed body
+is a request that reached the gateway and must be accounted for.
+"""
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from medserve import __version__
+from medserve.gateway.errors import install_error_handlers
+from medserve.gateway.routes import chat, health, imaging, models, oip
+from medserve.gateway.state import GatewayState, set_gateway
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="medserve gateway",
+        version=__version__,
+        description="Authenticated, audited access to the hospital's models.",
+    )
+    install_error_handlers(app)
+    for module in (health, models, chat, imaging, oip):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()
+
+
+@serve.ingress(app)
+class Gateway:
+    """One gateway replica: builds the shared state the routes use."""
+
+    def __init__(self, catalog: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
+        self.state = GatewayState(catalog, settings)
+        set_gateway(self.state)
+
+    def __del__(self) -> None:
+        # Ray Serve calls this on graceful replica shutdown: drain the audit queue.
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.close()
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder named by import_path in the rendered Serve config."""
+    return serve.deployment(Gateway, name="Gateway").bind(args["catalog"], args.get("settings") or {})

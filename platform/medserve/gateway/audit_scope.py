@@ -1,0 +1,116 @@
+"""Exactly one audit record per inference request, whatever happens in it.
+
+A route wraps its whole body in ``async with recorder.scope(...) as audit``;
+the route fills in what it learns (caller, model, digests, tokens) and the
+scope writes the record on the way out, answered or refused. With strict
+durability a failed write turns a success into 503 audit_unavailable: an
+answer that cannot be accounted for is not given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from medserve.audit.writer import AuditWriter
+from medserve.db.models import utcnow
+from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
+from medserve.gateway.catalog import CatalogEntry
+from medserve.security.api_keys import Principal
+from medserve.security.pseudonyms import pseudonymize_headers
+
+logger = logging.getLogger("medserve.gateway.audit")
+
+
+def sha256_hex(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+@dataclass
+class AuditScope:
+    """What one request's audit record will say; routes fill it in as they go."""
+
+    operation: str
+    model_name: str | None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    principal: Principal | None = None
+    entry: CatalogEntry | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    context: dict[str, str | None] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
+        principal, entry = self.principal, self.entry
+        return {
+            "id": self.id,
+            "created_at": utcnow(),
+            "api_key_id": principal.key_id if principal else None,
+            "caller_name": principal.name if principal else None,
+            "caller_role": principal.role.value if principal else None,
+            "department": principal.department if principal else None,
+            "model_name": entry.model_name if entry else (self.model_name or "")[:100] or None,
+            "model_version": entry.model_version if entry else None,
+            "artifact_sha256": entry.artifact_sha256 if entry else None,
+            "operation": self.operation,
+            "outcome": outcome,
+            "http_status": http_status,
+            "error_code": error_code,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000.0, 3),
+            "input_sha256": self.input_sha256,
+            "output_sha256": self.output_sha256,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "patient_pseudonym": self.context.get("patient"),
+            "encounter_pseudonym": self.context.get("encounter"),
+            "clinician_pseudonym": self.context.get("clinician"),
+            "purpose_pseudonym": self.context.get("purpose"),
+        }
+
+
+def _outcome_of(error: MedserveError) -> str:
+    if isinstance(error, (AuthenticationError, PermissionDeniedError)):
+        return "denied"
+    return "error"
+
+
+class AuditRecorder:
+    def __init__(self, writer: AuditWriter, pseudonym_key: bytes, *, durable: bool) -> None:
+        self._writer = writer
+        self._pseudonym_key = pseudonym_key
+        self._durable = durable
+
+    @asynccontextmanager
+    async def scope(
+        self, operation: str, model_name: str | None, headers: Mapping[str, str]
+    ) -> AsyncIterator[AuditScope]:
+        audit = AuditScope(operation=operation, model_name=model_name)
+        audit.context = pseudonymize_headers(self._pseudonym_key, headers)
+        try:
+            yield audit
+        except MedserveError as error:
+            await self._write_quietly(audit.to_record(error.http_status, error.code, _outcome_of(error)))
+            raise
+        except BaseException as error:
+            # CancelledError: the client went away before the answer.
+            cancelled = type(error).__name__ == "CancelledError"
+            record = audit.to_record(499 if cancelled else 500, None if cancelled else "internal_error",
+                                     "cancelled" if cancelled else "error")
+            await self._write_quietly(record)
+            raise
+        else:
+            await self._writer.write(audit.to_record(200, None, "ok"), durable=self._durable)
+
+    async def _write_quietly(self, record: dict[str, Any]) -> None:
+        try:
+            await self._writer.write(record, durable=self._durable)
+        except AuditUnavailableError:
+            logger.error("audit record %s for a failed request could not be written", record["id"])

@@ -1,0 +1,40 @@
+"""What the gateway routes to: model name -> the Serve application serving it.
+
+Built by the control plane into the gateway's application args, so a gateway
+replica needs no database round trip to route a request.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medserve.errors import ModelNotFoundError
+
+
+class CatalogEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(description="Name clients use.")
+    model_version: str = Field(description="Version served.")
+    artifact_sha256: str | None = Field(description="Pinned digest of the weights served.")
+    task: str = Field(description="llm or imaging.")
+    engine: str = Field(description="Engine name.")
+    app_name: str = Field(description="Ray Serve application hosting the model.")
+    deployment_name: str = Field(default="ModelServer", description="Deployment inside that application.")
+    departments: list[str] = Field(default_factory=list, description="Departments allowed; empty: all.")
+    max_output_tokens: int = Field(default=512, description="Cap on generated tokens.")
+    deployment: str = Field(description="Deployment spec name.")
+
+
+class Catalog:
+    def __init__(self, entries: list[CatalogEntry]) -> None:
+        self._by_name = {entry.model_name: entry for entry in entries}
+
+    def get(self, name: str) -> CatalogEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ModelNotFoundError() from None
+
+    def entries(self) -> list[CatalogEntry]:
+        return list(self._by_name.values())

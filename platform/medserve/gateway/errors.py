@@ -1,0 +1,55 @@
+"""The one mapping from exceptions to HTTP responses.
+
+Responses carry the error's stable code and its safe message, never str() of
+an arbitrary exception: exception text can carry patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medserve.errors import MedserveError
+
+logger = logging.getLogger("medserve.gateway")
+
+# Headers some errors add, so clients know when to come back.
+RETRY_AFTER_SECONDS = {503: "1"}
+
+
+def error_response(error: MedserveError) -> JSONResponse:
+    headers = {}
+    if error.http_status in RETRY_AFTER_SECONDS:
+        headers["Retry-After"] = RETRY_AFTER_SECONDS[error.http_status]
+    if error.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error.to_payload(), status_code=error.http_status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MedserveError)
+    async def _medserve_error(_request: Request, error: MedserveError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        # Field locations only: pydantic's messages can quote the input.
+        fields = [".".join(str(p) for p in item.get("loc", ())) for item in error.errors()]
+        payload = {"error": {"code": "invalid_request", "message": "The request is invalid.", "details": {"fields": fields}}}
+        return JSONResponse(payload, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": "Not available."}}, status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+        logger.error("unhandled %s in gateway", type(error).__name__)
+        return JSONResponse(
+            {"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500
+        )

@@ -1,0 +1,45 @@
+"""One DICOM instance or PNG in, JSON findings out (always a draft for clinician review)."""
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from medserve.errors import UnsupportedMediaTypeError
+from medserve.gateway.audit_scope import sha256_hex
+from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
+
+router = APIRouter(tags=["imaging"])
+
+IMAGING_TYPES = ("application/dicom", "image/png")
+
+
+@router.post(
+    "/v1/imaging/{name}",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGING_TYPES},
+        }
+    },
+)
+async def analyze_image(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
+    async with gateway.recorder.scope("imaging.analyze", name, request.headers) as audit:
+        audit.principal = await gateway.principal(request)
+        entry = gateway.authorize_model(audit.principal, name, task="imaging")
+        audit.entry = entry
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in IMAGING_TYPES:
+            raise UnsupportedMediaTypeError(accepted=list(IMAGING_TYPES))
+        body = await gateway.read_body(request)
+        audit.input_sha256 = sha256_hex(body)
+        result = await gateway.call(entry, "classify", body, content_type)
+        audit.output_sha256 = result.pop("output_sha256")
+        payload = {
+            "inference_id": str(audit.id),
+            "model": entry.model_name,
+            "model_version": entry.model_version,
+            "artifact_sha256": entry.artifact_sha256,
+            # Every AI result is a draft until a clinician signs it off.
+            "status": "draft",
+            **result,
+        }
+    return JSONResponse(payload, headers=provenance_headers(str(audit.id), entry))

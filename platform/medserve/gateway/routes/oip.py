@@ -1,0 +1,33 @@
+"""Open Inference Protocol v2: JSON tensors in and out."""
+
+import json
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from medserve.gateway.audit_scope import sha256_hex
+from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
+from medserve.protocols.oip import InferRequest
+
+router = APIRouter(tags=["oip-v2"])
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra=json_body_schema(InferRequest))
+async def infer(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
+    async with gateway.recorder.scope("oip.infer", name, request.headers) as audit:
+        audit.principal = await gateway.principal(request)
+        entry = gateway.authorize_model(audit.principal, name, task="imaging")
+        audit.entry = entry
+        body = await gateway.read_body(request)
+        audit.input_sha256 = sha256_hex(body)
+        parsed = parse_json_body(InferRequest, body)
+        result = await gateway.call(entry, "infer", json.loads(parsed.model_dump_json(exclude_none=True)))
+        audit.output_sha256 = result["output_sha256"]
+        payload = {
+            "model_name": entry.model_name,
+            "model_version": entry.model_version,
+            "id": parsed.id or str(audit.id),
+            "outputs": result["outputs"],
+            "parameters": {"inference_id": str(audit.id)},
+        }
+    return JSONResponse(payload, headers=provenance_headers(str(audit.id), entry))

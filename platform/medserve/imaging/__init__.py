@@ -1,0 +1,1 @@
+"""Medical image input: DICOM and PNG decoding, windowing, model-input tensors."""

@@ -1,0 +1,1 @@
+"""Wire formats clinical apps speak: OpenAI-compatible chat, Open Inference Protocol v2."""

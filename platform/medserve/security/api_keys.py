@@ -1,0 +1,88 @@
+"""Bearer API keys: created once, shown once, stored as a hash.
+
+A key reads ``msk_<key_id>_<secret>``. The key id is public (it appears in
+audit rows); the secret is 256 random bits, so a plain sha256 is enough to
+store it safely: there is nothing to brute-force that a slow hash would
+protect better, and the gateway checks keys on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from medserve.db.models import ApiKey, utcnow
+from medserve.errors import AuthenticationError, BadRequestError
+from medserve.security.roles import Role
+
+KEY_PREFIX = "msk"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller of one request."""
+
+    key_id: str
+    name: str
+    role: Role
+    department: str | None
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(presented: str) -> tuple[str, str]:
+    """Key id and secret of a presented key; raises AuthenticationError if malformed."""
+    parts = presented.split("_")
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+        raise AuthenticationError()
+    return parts[1], parts[2]
+
+
+def create_api_key(
+    session: Session,
+    *,
+    name: str,
+    role: Role | str,
+    department: str | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Store a new key and return it with its plaintext (the only time it exists)."""
+    try:
+        role = Role(role)
+    except ValueError:
+        raise BadRequestError(f"unknown role {role!r}", allowed=[r.value for r in Role]) from None
+    if not name.strip():
+        raise BadRequestError("a key needs a name")
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32).replace("_", "-")  # '_' separates the parts
+    row = ApiKey(
+        key_id=key_id,
+        secret_sha256=_hash_secret(secret),
+        name=name.strip(),
+        role=role.value,
+        department=department,
+        expires_at=expires_at,
+    )
+    session.add(row)
+    session.flush()
+    return row, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def verify_api_key(session: Session, presented: str, now: datetime | None = None) -> Principal:
+    """The principal of a presented key, or AuthenticationError (same error for every failure)."""
+    key_id, secret = split_key(presented)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
+    if row is None or not hmac.compare_digest(row.secret_sha256, _hash_secret(secret)):
+        raise AuthenticationError()
+    now = now or utcnow()
+    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+        raise AuthenticationError()
+    return Principal(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department)

@@ -1,0 +1,266 @@
+"""Deployment specs: the YAML files in ``deployments/`` parse into these models.
+
+The same models are used by the CLI (``medserve validate``), the control plane
+(rendering the Ray Serve config) and the engines (which receive the model part
+as their init argument), so a YAML file and the code can never disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medserve.errors import SpecError
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,98}[a-z0-9])?$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+Task = Literal["llm", "imaging"]
+EngineName = Literal["llama_cpp", "vllm", "onnx"]
+
+# Which engines can serve which task; checked so that a spec cannot pair an
+# LLM task with an image classifier runtime by mistake.
+ENGINES_BY_TASK: dict[str, set[str]] = {"llm": {"llama_cpp", "vllm"}, "imaging": {"onnx"}}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArtifactSpec(StrictModel):
+    """Where the model's weights live and what they must hash to."""
+
+    uri: str = Field(
+        description="Location of the weights: an absolute or relative file path (file or directory), "
+        "a file:// URI, or package://<python-package>/<path inside it> for weights shipped in a "
+        "Python package. Nothing is downloaded at load time.",
+        min_length=1,
+    )
+    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = Field(
+        default=None,
+        description="Lower-case hex sha256 of the file (for a directory: of its manifest, see "
+        "`medserve artifact hash`). A mismatch at load time refuses the model. "
+        "Leaving it unset is allowed for validation only: unpinned artifacts are not served.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else "path"
+        if scheme not in {"path", "file", "package"}:
+            raise ValueError(
+                f"unsupported artifact scheme {scheme!r}: use a local path, file:// or package:// "
+                "(stage remote weights onto the nodes first)"
+            )
+        if scheme == "package" and "/" not in value.removeprefix("package://"):
+            raise ValueError("package:// URIs need a path inside the package: package://<pkg>/<file>")
+        return value
+
+
+class ModelSpec(StrictModel):
+    """The model a deployment serves: identity, version, engine and weights."""
+
+    name: str = Field(
+        pattern=MODEL_NAME_PATTERN, description="Model name clients use (lower-case letters, digits, dots, dashes)."
+    )
+    version: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        description="Version of the model; every audit record carries it.",
+    )
+    task: Task = Field(description="llm: chat/completions; imaging: classification of images and DICOM.")
+    engine: EngineName = Field(description="Runtime: llama_cpp (CPU GGUF), vllm (GPU), onnx (ONNX Runtime).")
+    artifact: ArtifactSpec = Field(description="The weights and their pinned digest.")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Engine-specific options, e.g. n_ctx and n_threads for llama_cpp, "
+        "tensor_parallel_size and max_model_len for vllm, class labels and input layout for onnx.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_fits_task(self) -> "ModelSpec":
+        if self.engine not in ENGINES_BY_TASK[self.task]:
+            allowed = ", ".join(sorted(ENGINES_BY_TASK[self.task]))
+            raise ValueError(f"engine {self.engine!r} cannot serve task {self.task!r} (use one of: {allowed})")
+        return self
+
+
+class ResourceSpec(StrictModel):
+    """What one replica needs from the cluster (Ray actor options)."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per replica; fractions (e.g. 0.25) let small models share a GPU."
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        description="Ray accelerator type the replica must run on, e.g. A100, H100, L4.",
+    )
+    memory_bytes: int | None = Field(default=None, gt=0, description="Heap memory reserved per replica, in bytes.")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources, e.g. {radiology_gpu: 1} to pin replicas to an on-prem node pool.",
+    )
+
+    @model_validator(mode="after")
+    def _fractional_gpus_below_one(self) -> "ResourceSpec":
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError("num_gpus above 1 must be a whole number")
+        return self
+
+
+class AutoscalingSpec(StrictModel):
+    """Replica bounds and Ray Serve autoscaling behaviour."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas; 0 lets a rarely used model scale to zero.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time (default: min).")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Seconds of sustained load before scaling up.")
+    downscale_delay_s: float = Field(default=120.0, ge=0, description="Seconds of low load before scaling down.")
+    max_ongoing_requests: int = Field(
+        default=8, ge=1, description="Requests one replica works on at once; more wait in the queue."
+    )
+    max_queued_requests: int = Field(
+        default=-1, ge=-1, description="Requests allowed to wait for a replica (-1: unbounded); beyond it, 503."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.min_replicas == self.max_replicas and self.min_replicas > 0
+
+
+class InputSpec(StrictModel):
+    """What inputs the model was validated for; anything else is refused."""
+
+    modalities: list[str] = Field(
+        default_factory=list,
+        description="Accepted DICOM Modality codes (e.g. MR, CT). Empty: any. PNG input has no modality.",
+    )
+    body_parts: list[str] = Field(
+        default_factory=list, description="Accepted DICOM BodyPartExamined values. Empty: any."
+    )
+    accept_png: bool = Field(default=True, description="Whether plain PNG images are accepted (imaging only).")
+    max_prompt_tokens: int | None = Field(
+        default=None, gt=0, description="Longest prompt accepted, in tokens (LLM only); longer gets 400."
+    )
+    max_output_tokens: int = Field(default=512, gt=0, description="Cap on max_tokens a caller may ask for.")
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [value.strip().upper() for value in values]
+
+
+class AccessSpec(StrictModel):
+    """Who may call the model."""
+
+    departments: list[str] = Field(
+        default_factory=list,
+        description="Departments whose keys may call this model. Empty: every department.",
+    )
+
+
+class ValidationEvidence(StrictModel):
+    """Evidence that the model performs as claimed."""
+
+    dataset: str = Field(description="Data set the model was validated on.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Metric name to value, e.g. auroc: 0.91.")
+    notes: str | None = Field(default=None, description="Caveats about the validation.")
+
+
+class ModelCard(StrictModel):
+    """What a clinician and a regulator need to know about the model."""
+
+    intended_use: str = Field(min_length=1, description="The clinical question the model answers, and for whom.")
+    contraindications: list[str] = Field(default_factory=list, description="Where the model must not be used.")
+    limitations: list[str] = Field(default_factory=list, description="Known failure modes and caveats.")
+    regulatory_status: str = Field(
+        description="e.g. 'research use only', 'FDA 510(k) K123456', 'CE MDR class IIa', 'NMPA class III'."
+    )
+    validation: ValidationEvidence | None = Field(default=None, description="Validation data set and metrics.")
+    approver: str | None = Field(default=None, description="Who approved the model for clinical use.")
+
+
+class DeploymentSpec(StrictModel):
+    """One model deployment: what to serve, on what, for whom."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Deployment name; also the Ray Serve application name.")
+    description: str | None = Field(default=None, description="Free text for people reading the catalog.")
+    model: ModelSpec = Field(description="The model and version to serve.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Per-replica resources.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica count and scaling.")
+    inputs: InputSpec = Field(default_factory=InputSpec, description="Input constraints.")
+    access: AccessSpec = Field(default_factory=AccessSpec, description="Which departments may call it.")
+    model_card: ModelCard = Field(description="Intended use, regulatory status and validation.")
+
+    @model_validator(mode="after")
+    def _inputs_fit_task(self) -> "DeploymentSpec":
+        if self.model.task == "llm" and (self.inputs.modalities or self.inputs.body_parts):
+            raise ValueError("modalities and body_parts apply to imaging models only")
+        if self.model.engine == "vllm" and self.resources.num_gpus <= 0:
+            raise ValueError("the vllm engine needs resources.num_gpus > 0")
+        return self
+
+
+# --- loading ----------------------------------------------------------------
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {location}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: Path | str = "<spec>") -> DeploymentSpec:
+    path = Path(str(source))
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the file must hold one YAML mapping", file=str(path))
+    try:
+        return DeploymentSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_validation_error(path, error), file=str(path)) from None
+
+
+def load_spec(path: Path) -> DeploymentSpec:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read: {error.strerror}", file=str(path)) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpecError(f"{path}: not valid YAML{where}", file=str(path)) from None
+    return parse_spec(data, path)
+
+
+def spec_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
+
+
+def load_catalog(directory: Path) -> list[DeploymentSpec]:
+    """All specs in a directory; raises on the first bad file and on duplicate names."""
+    specs = [load_spec(path) for path in spec_files(directory)]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise SpecError(f"deployment name {spec.name!r} is used twice in {directory}", name=spec.name)
+        seen[spec.name] = spec.name
+    return specs

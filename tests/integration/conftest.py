@@ -1,0 +1,136 @@
+"""One Ray cluster for the whole integration session, started the way `medserve up` starts it.
+
+Tests isolate by what they apply (Serve replaces the whole config on each
+apply) and by the data they send (a unique patient id per test, whose
+pseudonym finds that test's audit rows).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from medserve.controlplane.local_ray import start_local_ray, stop_local_ray
+from medserve.controlplane.reconcile import ApplyResult, apply_catalog
+from medserve.controlplane.render import GATEWAY_SETTING_NAMES, RenderOptions
+from medserve.controlplane.targets import RayClusterTarget
+from medserve.db.engine import session_scope, upgrade
+from medserve.db.models import AuditRecord
+from medserve.security.api_keys import create_api_key
+from medserve.security.pseudonyms import pseudonymize
+from medserve.settings import Settings
+from medserve.specs import DeploymentSpec, load_catalog
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    target: RayClusterTarget
+    base_url: str
+    repo_root: Path
+    env: dict[str, str]
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url
+
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(
+            http_host=self.settings.gateway_host,
+            http_port=self.settings.gateway_port,
+            gateway_settings={name: getattr(self.settings, name) for name in GATEWAY_SETTING_NAMES},
+        )
+
+    def catalog(self) -> list[DeploymentSpec]:
+        return load_catalog(self.repo_root / "deployments")
+
+    def apply(self, specs: list[DeploymentSpec] | None = None) -> ApplyResult:
+        return apply_catalog(self.database_url, specs if specs is not None else self.catalog(), self.target,
+                             self.render_options(), registered_by="integration tests")
+
+    def key(self, role: str = "clinical-app", department: str | None = None) -> str:
+        with session_scope(self.database_url) as session:
+            _, plaintext = create_api_key(session, name=f"test {role}", role=role, department=department)
+        return plaintext
+
+    def client(self, key: str | None = None, timeout: float = 120.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def patient_pseudonym(self, patient_id: str) -> str:
+        return pseudonymize(self.settings.pseudonym_key_bytes(), "patient", patient_id)
+
+    def audit_rows_for_patient(self, patient_id: str) -> list[AuditRecord]:
+        with session_scope(self.database_url) as session:
+            query = select(AuditRecord).where(AuditRecord.patient_pseudonym == self.patient_pseudonym(patient_id))
+            return list(session.scalars(query.order_by(AuditRecord.created_at)))
+
+
+def new_patient_id() -> str:
+    return f"MRN-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Platform]:
+    home = tmp_path_factory.mktemp("medserve-home")
+    overrides = {
+        "MEDSERVE_HOME": str(home),
+        "MEDSERVE_GATEWAY_PORT": str(free_port()),
+        "MEDSERVE_RAY_DASHBOARD_PORT": str(free_port()),
+        "MEDSERVE_RAY_HEAD_PORT": str(free_port()),
+        # Logical CPUs, not cores: leaves room for extra replicas in tests.
+        "MEDSERVE_RAY_NUM_CPUS": "4",
+        "RAY_AUTH_MODE": "token",
+    }
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    settings = Settings()
+    upgrade(settings.resolved_database_url)
+    settings.pseudonym_key_bytes()
+    connection = start_local_ray(settings)
+    try:
+        target = RayClusterTarget(connection.dashboard_url, connection.auth_token)
+        result = Platform(
+            settings=settings,
+            target=target,
+            base_url=f"http://127.0.0.1:{settings.gateway_port}",
+            repo_root=repo_root,
+            env={**overrides, "RAY_AUTH_TOKEN": connection.auth_token or ""},
+        )
+        result.apply()
+        yield result
+    finally:
+        stop_local_ray(settings)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def json_of(response: httpx.Response) -> Any:
+    assert response.headers.get("content-type", "").startswith("application/json"), response.text[:200]
+    return response.json()

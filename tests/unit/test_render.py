@@ -1,0 +1,70 @@
+"""The rendered Serve config is what Ray itself accepts, and models have no public route."""
+
+from ray.serve.schema import ServeDeploySchema
+
+from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
+from medserve.specs import load_catalog
+
+
+def _config(repo_root, **options):
+    specs = load_catalog(repo_root / "deployments")
+    return specs, render_serve_config(specs, RenderOptions(**options))
+
+
+def _app(config, name):
+    return next(app for app in config["applications"] if app["name"] == name)
+
+
+def test_rendered_config_passes_rays_own_schema(repo_root):
+    _, config = _config(repo_root)
+    parsed = ServeDeploySchema.model_validate(config)
+    assert {app.name for app in parsed.applications} == {app["name"] for app in config["applications"]}
+
+
+def test_only_the_gateway_has_a_route(repo_root):
+    specs, config = _config(repo_root)
+    routes = {app["name"]: app["route_prefix"] for app in config["applications"]}
+    assert routes.pop(GATEWAY_APP) == "/"
+    assert len(routes) == len(specs)
+    assert set(routes.values()) == {None}
+
+
+def test_gateway_catalog_carries_version_and_digest(repo_root):
+    specs, config = _config(repo_root)
+    catalog = {entry["model_name"]: entry for entry in _app(config, GATEWAY_APP)["args"]["catalog"]}
+    tumour = catalog["brain-mri-tumour"]
+    assert tumour["model_version"] == "0.1.1"
+    assert tumour["artifact_sha256"] == "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49"
+    assert tumour["app_name"] == "model-brain-mri-tumour"
+
+
+def test_resources_and_autoscaling_come_from_the_spec(repo_root):
+    _, config = _config(repo_root)
+    ct = _app(config, "model-ct-pancreas-screen")["deployments"][0]
+    assert ct["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.25, "resources": {"radiology_gpu": 1.0}}
+    assert ct["autoscaling_config"]["min_replicas"] == 0
+    assert ct["autoscaling_config"]["initial_replicas"] == 1
+
+    deepseek = _app(config, "model-deepseek-r1-distill-qwen-32b")["deployments"][0]
+    assert deepseek["ray_actor_options"]["num_gpus"] == 2
+    assert deepseek["ray_actor_options"]["accelerator_type"] == "A100"
+
+    smol = _app(config, "model-smollm2-demo")["deployments"][0]
+    assert smol["num_replicas"] == 1 and "autoscaling_config" not in smol
+
+
+def _keys(value):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield key
+            yield from _keys(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _keys(inner)
+
+
+def test_no_secrets_in_rendered_config(repo_root, monkeypatch):
+    monkeypatch.setenv("MEDSERVE_DATABASE_URL", "postgresql+psycopg://medserve:s3cret@db/medserve")
+    _, config = _config(repo_root, gateway_settings={"audit_durability": "strict"})
+    assert not {"password", "pseudonym_key", "database_url", "auth_token"} & set(_keys(config))
+    assert "s3cret" not in str(config)
