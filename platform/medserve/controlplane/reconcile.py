@@ -40,9 +40,12 @@ def capacity_problem(spec: DeploymentSpec, nodes: list[dict[str, float]]) -> str
     missing = []
     for name, amount in needs.items():
         best = max((node.get(name, 0.0) for node in nodes), default=0.0)
-        if best < amount:
-            label = name.removeprefix("accelerator_type:") + " accelerator" if name.startswith("accelerator_type:") else name
-            missing.append(f"{label}: needs {amount:g} per replica, largest node has {best:g}")
+        if best >= amount:
+            continue
+        if name.startswith("accelerator_type:"):
+            missing.append(f"no node has a {name.removeprefix('accelerator_type:')} accelerator")
+        else:
+            missing.append(f"{name}: needs {amount:g} per replica, largest node has {best:g}")
     return "the cluster lacks resources (" + "; ".join(missing or ["no single node has all of them"]) + ")"
 
 
