@@ -14,8 +14,23 @@ import numpy as np
 
 from medserve.errors import InvalidDicomError, InvalidImageError, PayloadTooLargeError
 
-# Refuse images whose decoded size would be absurd before allocating them.
+# Refuse images whose decoded size would be absurd before allocating them
+# (defaults; replicas pass MEDSERVE_MAX_IMAGE_PIXELS / MEDSERVE_MAX_IMAGE_SIDE).
 MAX_PIXELS = 8192 * 8192
+MAX_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = MAX_PIXELS
+    max_side: int = MAX_SIDE
+
+    def check(self, rows: int, columns: int) -> None:
+        if rows * columns > self.max_pixels or rows > self.max_side or columns > self.max_side:
+            raise PayloadTooLargeError("the image is larger than allowed", rows=rows, columns=columns)
+
+
+DEFAULT_LIMITS = ImageLimits()
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ def _first_number(value: object) -> float | None:
         return None
 
 
-def decode_dicom(body: bytes) -> DecodedImage:
+def decode_dicom(body: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError as PydicomInvalid
 
@@ -68,8 +83,10 @@ def decode_dicom(body: bytes) -> DecodedImage:
     rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
     if rows <= 0 or columns <= 0:
         raise InvalidDicomError("the DICOM instance has no image dimensions")
-    if rows * columns > MAX_PIXELS:
-        raise PayloadTooLargeError("the image has too many pixels", rows=rows, columns=columns)
+    limits.check(rows, columns)
+    frames = _first_number(getattr(dataset, "NumberOfFrames", None)) or 1
+    if frames > 1 and rows * columns * frames > limits.max_pixels * 4:
+        raise PayloadTooLargeError("the image has too many frames", frames=int(frames))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -104,7 +121,7 @@ def decode_dicom(body: bytes) -> DecodedImage:
     return DecodedImage(pixels=pixels, modality=modality, body_part=body_part, source_format="dicom")
 
 
-def decode_png(body: bytes) -> DecodedImage:
+def decode_png(body: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
     if not body:
@@ -113,8 +130,7 @@ def decode_png(body: bytes) -> DecodedImage:
         image = Image.open(io.BytesIO(body))
         if image.format != "PNG":
             raise InvalidImageError("only PNG images are accepted")
-        if image.width * image.height > MAX_PIXELS:
-            raise PayloadTooLargeError("the image has too many pixels", rows=image.height, columns=image.width)
+        limits.check(image.height, image.width)
         image.load()
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):

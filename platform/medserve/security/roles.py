@@ -37,3 +37,37 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 
 def has_permission(role: Role, permission: Permission) -> bool:
     return permission in ROLE_PERMISSIONS[role]
+
+
+# Every route of the gateway and the permission it needs: the single source
+# the gateway enforces (``GatewayState.principal`` looks the matched route up
+# here) and the role-by-route test walks. ``None`` marks a public route (probes,
+# the OpenAPI document). A route missing from this table is refused to every
+# caller (fail closed) and fails the matrix test: add new routes here.
+PUBLIC = None
+ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/redoc"): PUBLIC,
+    ("GET", "/v1/models"): Permission.LIST_MODELS,
+    ("GET", "/v2/models/{name}"): Permission.LIST_MODELS,
+    ("POST", "/v1/chat/completions"): Permission.INFER,
+    ("POST", "/v1/imaging/{name}"): Permission.INFER,
+    ("POST", "/v2/models/{name}/infer"): Permission.INFER,
+}
+
+
+class UndeclaredRouteError(LookupError):
+    """A route was called that ROUTE_PERMISSIONS does not name."""
+
+
+def route_permission(method: str, path: str) -> Permission | None:
+    """The permission a route needs; raises UndeclaredRouteError for a route not in the table."""
+    method = "GET" if method.upper() == "HEAD" else method.upper()
+    try:
+        return ROUTE_PERMISSIONS[(method, path)]
+    except KeyError:
+        raise UndeclaredRouteError(f"{method} {path}") from None
