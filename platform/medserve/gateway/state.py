@@ -25,7 +25,7 @@ from medserve.errors import (
     RequestValidationFailed,
     error_from_payload,
 )
-from medserve.gateway.audit_scope import AuditRecorder
+from medserve.gateway.audit_scope import AuditRecorder, current_scope
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
@@ -102,11 +102,14 @@ class GatewayState:
         route missing from it is refused).
         """
         principal = await self.authenticator.authenticate(request.headers.get("authorization"))
-        route = request.scope.get("route")
+        audit = current_scope.get()
+        if audit is not None:
+            audit.principal = principal  # a refusal below still names the caller
         try:
-            permission = route_permission(request.method, getattr(route, "path", ""))
+            permission = route_permission(request.method, _route_path(request))
         except UndeclaredRouteError:
-            logger.error("route %s %s is missing from ROUTE_PERMISSIONS", request.method, getattr(route, "path", "?"))
+            # The path is not logged: a concrete path can carry identifiers.
+            logger.error("a %s route missing from ROUTE_PERMISSIONS was called", request.method)
             raise PermissionDeniedError("this route is not open to any role") from None
         if permission is not None:
             require(principal, permission)
@@ -201,6 +204,12 @@ class GatewayState:
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
         return result
+
+
+def _route_path(request: Request) -> str:
+    """The request's path inside the app (without the ASGI root_path a proxy may add)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 _replica_state: GatewayState | None = None

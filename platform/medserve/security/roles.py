@@ -6,7 +6,10 @@ here and cannot leave a route unguarded.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+
+from starlette.routing import compile_path
 
 
 class Role(str, Enum):
@@ -64,10 +67,29 @@ class UndeclaredRouteError(LookupError):
     """A route was called that ROUTE_PERMISSIONS does not name."""
 
 
+def _compiled() -> list[tuple[str, re.Pattern[str], Permission | None]]:
+    # Rebuilt when the table changes (tests and plug-ins may add entries).
+    global _COMPILED_FOR, _COMPILED
+    snapshot = tuple(ROUTE_PERMISSIONS.items())
+    if _COMPILED_FOR != snapshot:
+        _COMPILED = [(method, compile_path(template)[0], permission) for (method, template), permission in snapshot]
+        _COMPILED_FOR = snapshot
+    return _COMPILED
+
+
+_COMPILED_FOR: tuple = ()
+_COMPILED: list[tuple[str, re.Pattern[str], Permission | None]] = []
+
+
 def route_permission(method: str, path: str) -> Permission | None:
-    """The permission a route needs; raises UndeclaredRouteError for a route not in the table."""
+    """The permission a request needs, by matching its concrete path against the table's templates.
+
+    Raises UndeclaredRouteError when no declared route matches (the gateway then refuses).
+    """
     method = "GET" if method.upper() == "HEAD" else method.upper()
-    try:
+    if (method, path) in ROUTE_PERMISSIONS:
         return ROUTE_PERMISSIONS[(method, path)]
-    except KeyError:
-        raise UndeclaredRouteError(f"{method} {path}") from None
+    for declared_method, pattern, permission in _compiled():
+        if declared_method == method and pattern.match(path):
+            return permission
+    raise UndeclaredRouteError(f"{method} {path}")
