@@ -54,8 +54,8 @@ class TokenBucket:
     def take(self, now: float | None = None) -> float:
         """0.0 when a request may go now, else the seconds until one may."""
         now = time.monotonic() if now is None else now
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = max(self.updated, now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
@@ -84,23 +84,24 @@ class RateLimiter:
     def enabled(self) -> bool:
         return bool(self._key_rps or self._department_rps)
 
-    def _bucket(self, kind: str, name: str, rate: float) -> TokenBucket:
+    def _bucket(self, kind: str, name: str, rate: float, now: float) -> TokenBucket:
         bucket = self._buckets.get((kind, name))
         if bucket is None:
             if len(self._buckets) >= self._max_buckets:
                 self._buckets.clear()  # bound memory; a reset only ever forgives
-            bucket = TokenBucket(rate=rate, capacity=max(1.0, rate * self._burst))
+            bucket = TokenBucket(rate=rate, capacity=max(1.0, rate * self._burst), updated=now)
             self._buckets[(kind, name)] = bucket
         return bucket
 
     def check(self, principal: Principal, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         limits: list[tuple[str, str, float]] = []
         if self._key_rps:
             limits.append(("key", principal.key_id, self._key_rps))
         if self._department_rps and principal.department:
             limits.append(("department", principal.department, self._department_rps))
         for kind, name, rate in limits:
-            wait = self._bucket(kind, name, rate).take(now)
+            wait = self._bucket(kind, name, rate, now).take(now)
             if wait > 0:
                 raise RateLimitedError(limit=kind, retry_after_s=math.ceil(wait * 1000) / 1000)
 
