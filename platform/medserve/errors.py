@@ -101,6 +101,21 @@ class PermissionDeniedError(MedserveError):
     default_message = "This credential may not perform this operation."
 
 
+class RateLimitedError(MedserveError):
+    """Over the request rate of the caller's key or department; ``retry_after_s`` says when to come back."""
+
+    code = "rate_limited"
+    http_status = 429
+    default_message = "Too many requests; retry after the time in Retry-After."
+
+
+class TokenBudgetExceededError(RateLimitedError):
+    """The caller's key or department used its LLM tokens for the day (UTC)."""
+
+    code = "token_budget_exceeded"
+    default_message = "The daily token budget is used up; retry after the time in Retry-After."
+
+
 # --- requests ---------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +72,92 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="Longest the gateway waits for an engine before answering 504."
     )
+    # --- hospital identity (OIDC) ------------------------------------------------
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="Issuer (iss) of the hospital identity provider's JWTs. Unset: only API keys are accepted.",
+    )
+    oidc_audience: str | None = Field(
+        default=None, description="Audience (aud) a JWT must carry to be accepted, e.g. medserve."
+    )
+    oidc_jwks_file: str | None = Field(
+        default=None, description="Path of a JWKS file with the provider's signing keys (works offline)."
+    )
+    oidc_jwks_url: str | None = Field(
+        default=None, description="URL of the provider's JWKS, fetched by the gateway and cached (used when no file)."
+    )
+    oidc_jwks_cache_seconds: float = Field(
+        default=300.0, ge=0, description="How long a gateway replica keeps a fetched JWKS before fetching it again."
+    )
+    oidc_algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256"], description="JWT signature algorithms accepted (never 'none')."
+    )
+    oidc_roles_claim: str = Field(
+        default="roles",
+        description="Claim holding the caller's medserve role(s); dots reach into objects (realm_access.roles). "
+        "The first value that names a medserve role wins.",
+    )
+    oidc_department_claim: str = Field(
+        default="department", description="Claim holding the caller's department (absent: not department-bound)."
+    )
+    oidc_leeway_s: float = Field(default=30.0, ge=0, description="Clock skew tolerated on exp/nbf/iat, in seconds.")
+
+    # --- quotas and fairness ------------------------------------------------------
+    gateway_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Gateway replicas sharing the limits below (set by the control plane); "
+        "each replica enforces its share of every rate limit.",
+    )
+    rate_limit_key_rps: float | None = Field(
+        default=None, gt=0, description="Requests per second one API key or identity may make (unset: no limit)."
+    )
+    rate_limit_department_rps: float | None = Field(
+        default=None, gt=0, description="Requests per second one department's callers may make together (unset: no limit)."
+    )
+    rate_limit_burst_seconds: float = Field(
+        default=1.0, gt=0, description="Burst allowance: a bucket holds this many seconds' worth of requests."
+    )
+    token_budget_key_per_day: int | None = Field(
+        default=None, gt=0, description="LLM tokens (prompt + completion) one key may use per UTC day (unset: no limit)."
+    )
+    token_budget_department_per_day: int | None = Field(
+        default=None, gt=0, description="LLM tokens one department may use per UTC day (unset: no limit)."
+    )
+    token_budget_cache_seconds: float = Field(
+        default=10.0, ge=0, description="How long a gateway replica trusts its sum of today's tokens from the audit table."
+    )
+    department_priority: dict[str, Literal["emergency", "standard", "research"]] = Field(
+        default_factory=dict,
+        description='Priority class per department as JSON, e.g. {"icu": "emergency", "oncology-research": '
+        '"research"}; others are standard. When a model is saturated, emergency goes first, research last.',
+    )
+
+    # --- hardened inputs and transport -------------------------------------------
+    max_image_pixels: int = Field(
+        default=8192 * 8192, ge=1, description="Most pixels (rows x columns) a decoded image may have (413 above)."
+    )
+    max_image_side: int = Field(default=16384, ge=1, description="Most rows or columns a decoded image may have.")
+    tls_cert_file: str | None = Field(
+        default=None, description="PEM certificate chain for HTTPS on the gateway (with MEDSERVE_TLS_KEY_FILE)."
+    )
+    tls_key_file: str | None = Field(default=None, description="PEM private key for HTTPS on the gateway.")
+    ray_temp_dir: str | None = Field(
+        default=None,
+        description="Ray's temp/session directory for a Ray that `up` starts (keep it short: socket paths "
+        "are limited to about 107 characters). Unset: Ray's default.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("MEDSERVE_TLS_CERT_FILE and MEDSERVE_TLS_KEY_FILE must be set together")
+        if self.oidc_issuer and not (self.oidc_jwks_file or self.oidc_jwks_url):
+            raise ValueError("MEDSERVE_OIDC_ISSUER needs MEDSERVE_OIDC_JWKS_FILE or MEDSERVE_OIDC_JWKS_URL")
+        if "none" in [a.lower() for a in self.oidc_algorithms]:
+            raise ValueError("the 'none' JWT algorithm is never accepted")
+        return self
+
     @property
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()

@@ -8,7 +8,9 @@ pseudonym finds that test's audit rows).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from sqlalchemy import select
 
 from medserve.controlplane.local_ray import start_local_ray, stop_local_ray
 from medserve.controlplane.reconcile import ApplyResult, apply_catalog
-from medserve.controlplane.render import GATEWAY_SETTING_NAMES, RenderOptions
+from medserve.controlplane.render import RenderOptions
 from medserve.controlplane.targets import RayClusterTarget
 from medserve.db.engine import session_scope, upgrade
 from medserve.db.models import AuditRecord
@@ -52,17 +54,16 @@ class Platform:
     base_url: str
     repo_root: Path
     env: dict[str, str]
+    ray_temp_dir: Path | None = None  # this session's Ray temp dir: its logs are under session_latest/logs
 
     @property
     def database_url(self) -> str:
         return self.settings.resolved_database_url
 
-    def render_options(self) -> RenderOptions:
-        return RenderOptions(
-            http_host=self.settings.gateway_host,
-            http_port=self.settings.gateway_port,
-            gateway_settings={name: getattr(self.settings, name) for name in GATEWAY_SETTING_NAMES},
-        )
+    def render_options(self, **gateway_settings: Any) -> RenderOptions:
+        """The options `up` would use, with some gateway settings overridden."""
+        options = RenderOptions.from_settings(self.settings)
+        return options.model_copy(update={"gateway_settings": {**options.gateway_settings, **gateway_settings}})
 
     def catalog(self) -> list[DeploymentSpec]:
         return load_catalog(self.repo_root / "deployments")
@@ -96,7 +97,11 @@ def new_patient_id() -> str:
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Platform]:
     home = tmp_path_factory.mktemp("medserve-home")
+    # This session's own Ray temp dir (short: unix socket paths are limited to
+    # ~107 characters), so tests can read exactly this run's logs.
+    ray_temp = tempfile.mkdtemp(prefix="msr-", dir="/tmp")
     overrides = {
+        "MEDSERVE_RAY_TEMP_DIR": ray_temp,
         "MEDSERVE_HOME": str(home),
         "MEDSERVE_GATEWAY_PORT": str(free_port()),
         "MEDSERVE_RAY_DASHBOARD_PORT": str(free_port()),
@@ -119,11 +124,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Itera
             base_url=f"http://127.0.0.1:{settings.gateway_port}",
             repo_root=repo_root,
             env={**overrides, "RAY_AUTH_TOKEN": connection.auth_token or ""},
+            ray_temp_dir=Path(ray_temp),
         )
         result.apply()
         yield result
     finally:
         stop_local_ray(settings)
+        shutil.rmtree(ray_temp, ignore_errors=True)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -164,12 +164,51 @@ def keys_list() -> None:
     from sqlalchemy import select
 
     from medserve.db.engine import session_scope
-    from medserve.db.models import ApiKey
+    from medserve.db.models import ApiKey, utcnow
 
     with session_scope(_settings().resolved_database_url) as session:
         for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
-            state = "revoked" if row.revoked_at else "active"
+            if row.revoked_at:
+                state = "revoked"
+            elif row.expires_at is not None and row.expires_at <= utcnow():
+                state = "expired"
+            else:
+                state = "active"
             click.echo(f"{row.key_id}  {row.role:<12} {row.department or '-':<14} {state:<8} {row.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key now (gateways stop accepting it within MEDSERVE_API_KEY_CACHE_SECONDS, default 5 s)."""
+    from medserve.db.engine import session_scope
+    from medserve.security.api_keys import revoke_api_key
+
+    settings = _settings()
+    with session_scope(settings.resolved_database_url) as session:
+        revoke_api_key(session, key_id)
+    click.echo(
+        f"key {key_id} revoked; gateways refuse it within {settings.api_key_cache_seconds:g} s (their key cache).",
+        err=True,
+    )
+
+
+@keys.command("rotate")
+@click.argument("key_id")
+@click.option("--grace-hours", type=float, default=24.0, show_default=True,
+              help="Hours the old key keeps working, to roll the new one out.")
+def keys_rotate(key_id: str, grace_hours: float) -> None:
+    """Create a replacement key (same name, role, department) and expire the old one after the grace."""
+    from medserve.db.engine import session_scope
+    from medserve.security.api_keys import rotate_api_key
+
+    if grace_hours < 0:
+        _fail("--grace-hours must not be negative")
+    with session_scope(_settings().resolved_database_url) as session:
+        row, plaintext = rotate_api_key(session, key_id, grace=timedelta(hours=grace_hours))
+        new_id = row.key_id
+    click.echo(plaintext)
+    click.echo(f"new key id {new_id}; key {key_id} expires in {grace_hours:g} h. Store the new key now.", err=True)
 
 
 # --- audit ----------------------------------------------------------------------
@@ -204,13 +243,9 @@ def audit_list(limit: int, model: str | None, as_json: bool) -> None:
 
 
 def _render_options(settings: Settings):  # type: ignore[no-untyped-def]
-    from medserve.controlplane.render import GATEWAY_SETTING_NAMES, RenderOptions
+    from medserve.controlplane.render import RenderOptions
 
-    return RenderOptions(
-        http_host=settings.gateway_host,
-        http_port=settings.gateway_port,
-        gateway_settings={name: getattr(settings, name) for name in GATEWAY_SETTING_NAMES},
-    )
+    return RenderOptions.from_settings(settings)
 
 
 def _ensure_demo_key(settings: Settings) -> str:

@@ -113,6 +113,9 @@ def start_local_ray(settings: Settings, *, timeout_s: float = 120.0) -> RayConne
     ]
     if settings.ray_num_cpus is not None:
         command.append(f"--num-cpus={settings.ray_num_cpus}")
+    if settings.ray_temp_dir:
+        # Session files and logs land here (tests scan them for patient ids).
+        command.append(f"--temp-dir={Path(settings.ray_temp_dir).expanduser().resolve()}")
     log = (home / "ray-start.log").open("ab")
     process = subprocess.Popen(
         command, env=ray_environment(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

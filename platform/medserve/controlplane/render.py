@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.gateway.catalog import CatalogEntry
+from medserve.settings import Settings
 from medserve.specs import DeploymentSpec
 
 GATEWAY_APP = "gateway"
@@ -29,6 +30,22 @@ GATEWAY_SETTING_NAMES = (
     "api_key_cache_seconds",
     "max_body_bytes",
     "request_timeout_s",
+    "oidc_issuer",
+    "oidc_audience",
+    "oidc_jwks_file",
+    "oidc_jwks_url",
+    "oidc_jwks_cache_seconds",
+    "oidc_algorithms",
+    "oidc_roles_claim",
+    "oidc_department_claim",
+    "oidc_leeway_s",
+    "rate_limit_key_rps",
+    "rate_limit_department_rps",
+    "rate_limit_burst_seconds",
+    "token_budget_key_per_day",
+    "token_budget_department_per_day",
+    "token_budget_cache_seconds",
+    "department_priority",
 )
 
 
@@ -36,6 +53,18 @@ class RenderOptions(BaseModel):
     """How the platform around the models is laid out."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> "RenderOptions":
+        """The options `up` and the tests use: listen address, TLS files and the gateway's settings."""
+        values: dict[str, Any] = {
+            "http_host": settings.gateway_host,
+            "http_port": settings.gateway_port,
+            "ssl_certfile": settings.tls_cert_file,
+            "ssl_keyfile": settings.tls_key_file,
+            "gateway_settings": {name: getattr(settings, name) for name in GATEWAY_SETTING_NAMES},
+        }
+        return cls(**{**values, **overrides})
 
     http_host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds.")
     http_port: int = Field(default=8000, description="Port Serve's HTTP proxy binds.")
@@ -46,6 +75,10 @@ class RenderOptions(BaseModel):
         default_factory=dict, description="Extra environment for gateway replicas (no secrets)."
     )
     allow_unpinned_artifacts: bool = Field(default=False, description="Serve artifacts with no pinned sha256.")
+    ssl_certfile: str | None = Field(
+        default=None, description="PEM certificate chain: Serve's proxy then speaks HTTPS (Serve HTTPOptions)."
+    )
+    ssl_keyfile: str | None = Field(default=None, description="PEM private key for ssl_certfile.")
 
 
 def app_name_for(spec: DeploymentSpec) -> str:
@@ -64,6 +97,7 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         departments=list(spec.access.departments),
         max_output_tokens=spec.inputs.max_output_tokens,
         deployment=spec.name,
+        max_in_flight=spec.autoscaling.max_ongoing_requests * spec.autoscaling.max_replicas,
     )
 
 
@@ -121,7 +155,8 @@ def render_gateway_app(specs: list[DeploymentSpec], options: RenderOptions) -> d
         "import_path": GATEWAY_IMPORT_PATH,
         "args": {
             "catalog": [catalog_entry(spec).model_dump(mode="json") for spec in specs],
-            "settings": dict(options.gateway_settings),
+            # Each replica enforces its share of the rate limits.
+            "settings": {**options.gateway_settings, "gateway_replicas": options.gateway_replicas},
         },
         "deployments": [
             {
@@ -139,8 +174,13 @@ def render_gateway_app(specs: list[DeploymentSpec], options: RenderOptions) -> d
 def render_serve_config(specs: list[DeploymentSpec], options: RenderOptions | None = None) -> dict[str, Any]:
     """The whole Serve config: one gateway application plus one application per model."""
     options = options or RenderOptions()
+    http_options: dict[str, Any] = {"host": options.http_host, "port": options.http_port}
+    if options.ssl_certfile and options.ssl_keyfile:
+        # Paths, not key material: the files must exist on every node running a proxy.
+        http_options["ssl_certfile"] = options.ssl_certfile
+        http_options["ssl_keyfile"] = options.ssl_keyfile
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": options.http_host, "port": options.http_port},
+        "http_options": http_options,
         "applications": [render_gateway_app(specs, options)] + [render_model_app(s, options) for s in specs],
     }

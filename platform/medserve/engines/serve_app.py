@@ -25,9 +25,10 @@ from medserve.errors import (
     OperationNotSupportedError,
     UnsupportedMediaTypeError,
 )
-from medserve.imaging.decode import decode_dicom, decode_png
+from medserve.imaging.decode import ImageLimits, decode_dicom, decode_png
 from medserve.imaging.preprocess import to_model_input
 from medserve.protocols.oip import InferRequest, tensor_from_numpy
+from medserve.settings import Settings
 from medserve.specs import DeploymentSpec
 
 logger = logging.getLogger("medserve.engine")
@@ -60,6 +61,8 @@ class ModelServer:
     def __init__(self, spec: dict[str, Any], allow_unpinned: bool = False) -> None:
         self.spec = DeploymentSpec.model_validate(spec)
         self.engine, self.artifact_sha256 = load_engine(self.spec, allow_unpinned=allow_unpinned)
+        settings = Settings()  # from the replica's environment, which `up` passes to Ray
+        self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side)
 
     # --- LLM -------------------------------------------------------------
 
@@ -121,9 +124,9 @@ class ModelServer:
     def _classify_sync(self, body: bytes, content_type: str) -> dict[str, Any]:
         engine = self._imaging()
         if content_type in DICOM_TYPES:
-            image = decode_dicom(body)
+            image = decode_dicom(body, self.image_limits)
         elif content_type in PNG_TYPES:
-            image = decode_png(body)
+            image = decode_png(body, self.image_limits)
         else:
             raise UnsupportedMediaTypeError(accepted=sorted(DICOM_TYPES | PNG_TYPES))
         self._check_constraints(image.modality, image.body_part, image.source_format)

@@ -29,6 +29,20 @@ def create_app() -> FastAPI:
     return app
 
 
+def route_table(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, routers' prefixes included (HEAD folded into GET)."""
+    found: set[tuple[str, str]] = set()
+    for route in app.routes:
+        # FastAPI >= 0.16x wraps included routers; older versions flatten them into APIRoutes.
+        contexts = route.effective_route_contexts() if hasattr(route, "effective_route_contexts") else [route]
+        for context in contexts:
+            original = getattr(context, "original_route", context)
+            for method in getattr(original, "methods", None) or ():
+                if method != "HEAD":
+                    found.add((method, context.path))
+    return sorted(found)
+
+
 app = create_app()
 
 

@@ -9,6 +9,7 @@ answer that cannot be accounted for is not given.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import time
@@ -26,6 +27,10 @@ from medserve.security.api_keys import Principal
 from medserve.security.pseudonyms import pseudonymize_headers
 
 logger = logging.getLogger("medserve.gateway.audit")
+
+# The scope of the request being handled, so authentication can name the
+# caller in the record even when it then refuses them (403, 429).
+current_scope: contextvars.ContextVar["AuditScope | None"] = contextvars.ContextVar("medserve_audit", default=None)
 
 
 def sha256_hex(data: bytes | str) -> str:
@@ -94,6 +99,7 @@ class AuditRecorder:
     ) -> AsyncIterator[AuditScope]:
         audit = AuditScope(operation=operation, model_name=model_name)
         audit.context = pseudonymize_headers(self._pseudonym_key, headers)
+        token = current_scope.set(audit)
         try:
             yield audit
         except MedserveError as error:
@@ -108,6 +114,11 @@ class AuditRecorder:
             raise
         else:
             await self._writer.write(audit.to_record(200, None, "ok"), durable=self._durable)
+        finally:
+            try:
+                current_scope.reset(token)
+            except ValueError:  # closed from another context (a streamed response's task)
+                pass
 
     async def _write_quietly(self, record: dict[str, Any]) -> None:
         try:

@@ -2,7 +2,8 @@
 
 Looking a key up costs a database round trip; the gateway does it at most
 once per key per ``api_key_cache_seconds`` (a revoked key stops working
-within that window). Failures are never cached as successes.
+within that window). Failures are never cached as successes. JWTs from the
+hospital's identity provider are verified on every request (no cache).
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import time
 from medserve.db.engine import session_scope
 from medserve.errors import AuthenticationError, PermissionDeniedError
 from medserve.security.api_keys import Principal, verify_api_key
+from medserve.security.oidc import OIDCVerifier, looks_like_jwt
 from medserve.security.roles import Permission, has_permission
 
 
 class Authenticator:
-    def __init__(self, database_url: str, cache_seconds: float) -> None:
+    """API keys (``msk_...``) from the database; JWTs from the hospital IdP when OIDC is configured."""
+
+    def __init__(self, database_url: str, cache_seconds: float, oidc: OIDCVerifier | None = None) -> None:
         self._database_url = database_url
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._oidc = oidc
 
     def _lookup(self, presented: str) -> Principal:
         with session_scope(self._database_url) as session:
@@ -30,6 +35,9 @@ class Authenticator:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise AuthenticationError()
         presented = authorization[7:].strip()
+        if self._oidc is not None and looks_like_jwt(presented):
+            # Not cached: verifying a signature is cheap and expiry must bite on time.
+            return await asyncio.to_thread(self._oidc.verify, presented)
         cached = self._cache.get(presented)
         now = time.monotonic()
         if cached is not None and now - cached[0] < self._cache_seconds:

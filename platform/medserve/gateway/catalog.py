@@ -24,6 +24,12 @@ class CatalogEntry(BaseModel):
     departments: list[str] = Field(default_factory=list, description="Departments allowed; empty: all.")
     max_output_tokens: int = Field(default=512, description="Cap on generated tokens.")
     deployment: str = Field(description="Deployment spec name.")
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests the model can work on at once (max_ongoing_requests x max_replicas); "
+        "beyond it requests wait at the gateway's priority gate. None: no gate.",
+    )
 
 
 class Catalog:

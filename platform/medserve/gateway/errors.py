@@ -7,6 +7,7 @@ an arbitrary exception: exception text can carry patient data.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +26,9 @@ def error_response(error: MedserveError) -> JSONResponse:
     headers = {}
     if error.http_status in RETRY_AFTER_SECONDS:
         headers["Retry-After"] = RETRY_AFTER_SECONDS[error.http_status]
+    retry_after = error.details.get("retry_after_s")
+    if isinstance(retry_after, (int, float)):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     if error.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error.to_payload(), status_code=error.http_status, headers=headers)

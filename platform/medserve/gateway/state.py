@@ -7,7 +7,9 @@ keeping it out of the route modules lets each protocol live in its own file.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import math
 from typing import Any
 
 from fastapi import Request
@@ -18,18 +20,44 @@ from medserve.errors import (
     ModelTimeoutError,
     ModelUnavailableError,
     OperationNotSupportedError,
+    PermissionDeniedError,
     PayloadTooLargeError,
     RequestValidationFailed,
     error_from_payload,
 )
-from medserve.gateway.audit_scope import AuditRecorder
+from medserve.gateway.audit_scope import AuditRecorder, current_scope
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.catalog import Catalog, CatalogEntry
+from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
 from medserve.security.api_keys import Principal
-from medserve.security.roles import Permission
+from medserve.security.oidc import OIDCVerifier
+from medserve.security.roles import Permission, UndeclaredRouteError, route_permission
 from medserve.settings import Settings
 
 logger = logging.getLogger("medserve.gateway")
+
+# The caller of the request being handled (set by GatewayState.principal):
+# lets call() pick the priority class and count tokens without every route
+# passing the principal along.
+_current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "medserve_principal", default=None
+)
+
+
+def oidc_verifier(settings: Settings) -> OIDCVerifier | None:
+    if not settings.oidc_issuer:
+        return None
+    return OIDCVerifier(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        jwks_file=settings.oidc_jwks_file,
+        jwks_url=settings.oidc_jwks_url,
+        jwks_cache_seconds=settings.oidc_jwks_cache_seconds,
+        algorithms=settings.oidc_algorithms,
+        roles_claim=settings.oidc_roles_claim,
+        department_claim=settings.oidc_department_claim,
+        leeway_s=settings.oidc_leeway_s,
+    )
 
 
 class GatewayState:
@@ -37,7 +65,22 @@ class GatewayState:
         self.settings = Settings(**(settings or {}))
         self.catalog = Catalog([CatalogEntry.model_validate(entry) for entry in catalog])
         self.database_url = self.settings.resolved_database_url
-        self.authenticator = Authenticator(self.database_url, self.settings.api_key_cache_seconds)
+        self.authenticator = Authenticator(
+            self.database_url, self.settings.api_key_cache_seconds, oidc_verifier(self.settings)
+        )
+        self.rate_limiter = RateLimiter(
+            self.settings.rate_limit_key_rps,
+            self.settings.rate_limit_department_rps,
+            replicas=self.settings.gateway_replicas,
+            burst_seconds=self.settings.rate_limit_burst_seconds,
+        )
+        self.token_budget = TokenBudget(
+            self.database_url,
+            self.settings.token_budget_key_per_day,
+            self.settings.token_budget_department_per_day,
+            cache_seconds=self.settings.token_budget_cache_seconds,
+        )
+        self._gates: dict[str, PriorityGate] = {}
         self.writer = AuditWriter(
             self.database_url, batch_max=self.settings.audit_batch_max, queue_max=self.settings.audit_queue_max
         )
@@ -52,7 +95,28 @@ class GatewayState:
     # --- callers -------------------------------------------------------------
 
     async def principal(self, request: Request) -> Principal:
-        return await self.authenticator.authenticate(request.headers.get("authorization"))
+        """Authenticate the caller, then enforce the route's permission and the caller's request rate.
+
+        The permission comes from ROUTE_PERMISSIONS for the matched route, so
+        every authenticated route is guarded by the one table (fail closed: a
+        route missing from it is refused).
+        """
+        principal = await self.authenticator.authenticate(request.headers.get("authorization"))
+        audit = current_scope.get()
+        if audit is not None:
+            audit.principal = principal  # a refusal below still names the caller
+        try:
+            permission = route_permission(request.method, _route_path(request))
+        except UndeclaredRouteError:
+            # The path is not logged: a concrete path can carry identifiers.
+            logger.error("a %s route missing from ROUTE_PERMISSIONS was called", request.method)
+            raise PermissionDeniedError("this route is not open to any role") from None
+        if permission is not None:
+            require(principal, permission)
+        if self.rate_limiter.enabled:
+            self.rate_limiter.check(principal)
+        _current_principal.set(principal)
+        return principal
 
     def authorize_model(self, principal: Principal, model_name: str, task: str | None = None) -> CatalogEntry:
         """Function-level (may this role infer?) then object-level (this model, this department) checks."""
@@ -62,6 +126,11 @@ class GatewayState:
         if task is not None and entry.task != task:
             raise OperationNotSupportedError(model=entry.model_name, task=entry.task)
         return entry
+
+    async def check_token_budget(self, principal: Principal, entry: CatalogEntry) -> None:
+        """429 token_budget_exceeded when the caller's key or department used its LLM tokens today."""
+        if entry.task == "llm" and self.token_budget.enabled:
+            await asyncio.to_thread(self.token_budget.check, principal)
 
     # --- request bodies --------------------------------------------------------
 
@@ -88,8 +157,40 @@ class GatewayState:
             self._handles[entry.app_name] = handle
         return handle
 
+    def gate(self, entry: CatalogEntry) -> PriorityGate | None:
+        """The model's priority gate (None when the catalog gives no capacity)."""
+        if not entry.max_in_flight:
+            return None
+        gate = self._gates.get(entry.app_name)
+        if gate is None:
+            gate = PriorityGate(math.ceil(entry.max_in_flight / self.settings.gateway_replicas))
+            self._gates[entry.app_name] = gate
+        return gate
+
+    def priority_class(self, principal: Principal | None = None) -> str:
+        principal = principal or _current_principal.get()
+        return priority_class(principal.department if principal else None, self.settings.department_priority)
+
     async def call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
-        """Call an engine replica; its error payloads come back as MedserveErrors."""
+        """Call an engine replica; its error payloads come back as MedserveErrors.
+
+        When the model is saturated the call waits at the model's priority
+        gate, where emergency departments go before standard and research.
+        """
+        principal = _current_principal.get()
+        if principal is not None:
+            await self.check_token_budget(principal, entry)
+        gate = self.gate(entry)
+        if gate is None:
+            result = await self._call(entry, method, *args)
+        else:
+            async with gate.slot(self.priority_class()):
+                result = await self._call(entry, method, *args)
+        if principal is not None and self.token_budget.enabled and "prompt_tokens" in result:
+            self.token_budget.add(principal, int(result["prompt_tokens"]) + int(result.get("completion_tokens", 0)))
+        return result
+
+    async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
         response = getattr(self._handle(entry), method).remote(*args)
         try:
             result = await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
@@ -103,6 +204,12 @@ class GatewayState:
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
         return result
+
+
+def _route_path(request: Request) -> str:
+    """The request's path inside the app (without the ASGI root_path a proxy may add)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 _replica_state: GatewayState | None = None

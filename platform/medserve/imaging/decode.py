@@ -7,6 +7,8 @@ a malformed upload must cost the caller a 400, never the replica.
 from __future__ import annotations
 
 import io
+import logging
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -14,8 +16,27 @@ import numpy as np
 
 from medserve.errors import InvalidDicomError, InvalidImageError, PayloadTooLargeError
 
-# Refuse images whose decoded size would be absurd before allocating them.
+# Refuse images whose decoded size would be absurd before allocating them
+# (defaults; replicas pass MEDSERVE_MAX_IMAGE_PIXELS / MEDSERVE_MAX_IMAGE_SIDE).
 MAX_PIXELS = 8192 * 8192
+MAX_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = MAX_PIXELS
+    max_side: int = MAX_SIDE
+
+    def check(self, rows: int, columns: int) -> None:
+        if rows * columns > self.max_pixels or rows > self.max_side or columns > self.max_side:
+            raise PayloadTooLargeError("the image is larger than allowed", rows=rows, columns=columns)
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+# pydicom logs invalid element values verbatim (a malformed PatientName would
+# land in the replica's log): keep only its critical messages.
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,7 @@ def _first_number(value: object) -> float | None:
         return None
 
 
-def decode_dicom(body: bytes) -> DecodedImage:
+def decode_dicom(body: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError as PydicomInvalid
 
@@ -61,15 +82,19 @@ def decode_dicom(body: bytes) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dataset = pydicom.dcmread(io.BytesIO(body))
-    except (PydicomInvalid, EOFError, ValueError, TypeError, KeyError, IndexError, OSError, AttributeError):
+    except (PydicomInvalid, EOFError, ValueError, TypeError, KeyError, IndexError, OSError, AttributeError,
+            struct.error, OverflowError, MemoryError, RecursionError, NotImplementedError):
+        # struct.error: a truncated element header (found by the hypothesis tests).
         raise InvalidDicomError() from None
     if "PixelData" not in dataset:
         raise InvalidDicomError("the DICOM instance carries no pixel data")
     rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
     if rows <= 0 or columns <= 0:
         raise InvalidDicomError("the DICOM instance has no image dimensions")
-    if rows * columns > MAX_PIXELS:
-        raise PayloadTooLargeError("the image has too many pixels", rows=rows, columns=columns)
+    limits.check(rows, columns)
+    frames = _first_number(getattr(dataset, "NumberOfFrames", None)) or 1
+    if frames > 1 and rows * columns * frames > limits.max_pixels * 4:
+        raise PayloadTooLargeError("the image has too many frames", frames=int(frames))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -104,7 +129,7 @@ def decode_dicom(body: bytes) -> DecodedImage:
     return DecodedImage(pixels=pixels, modality=modality, body_part=body_part, source_format="dicom")
 
 
-def decode_png(body: bytes) -> DecodedImage:
+def decode_png(body: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
     if not body:
@@ -113,8 +138,7 @@ def decode_png(body: bytes) -> DecodedImage:
         image = Image.open(io.BytesIO(body))
         if image.format != "PNG":
             raise InvalidImageError("only PNG images are accepted")
-        if image.width * image.height > MAX_PIXELS:
-            raise PayloadTooLargeError("the image has too many pixels", rows=image.height, columns=image.width)
+        limits.check(image.height, image.width)
         image.load()
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):

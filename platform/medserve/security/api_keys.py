@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -86,3 +86,39 @@ def verify_api_key(session: Session, presented: str, now: datetime | None = None
     if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
         raise AuthenticationError()
     return Principal(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department)
+
+
+def _find_key(session: Session, key_id: str) -> ApiKey:
+    from medserve.errors import NotFoundError
+
+    row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
+    if row is None:
+        raise NotFoundError("no API key has this id", key_id=key_id)
+    return row
+
+
+def revoke_api_key(session: Session, key_id: str, now: datetime | None = None) -> ApiKey:
+    """Revoke a key now. Gateways stop accepting it within their key cache window (default 5 s)."""
+    row = _find_key(session, key_id)
+    if row.revoked_at is None:
+        row.revoked_at = now or utcnow()
+    return row
+
+
+def rotate_api_key(
+    session: Session, key_id: str, *, grace: timedelta = timedelta(hours=24), now: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """A new key with the old one's name, role and department; the old one expires after ``grace``.
+
+    The grace period lets the application deploy the new key before the old one stops.
+    """
+    old = _find_key(session, key_id)
+    now = now or utcnow()
+    if old.revoked_at is not None or (old.expires_at is not None and old.expires_at <= now):
+        raise BadRequestError("this key is revoked or expired; create a new one instead", key_id=key_id)
+    new, plaintext = create_api_key(
+        session, name=old.name, role=old.role, department=old.department, expires_at=old.expires_at
+    )
+    grace_end = now + grace
+    old.expires_at = grace_end if old.expires_at is None else min(old.expires_at, grace_end)
+    return new, plaintext

@@ -6,7 +6,10 @@ here and cannot leave a route unguarded.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+
+from starlette.routing import compile_path
 
 
 class Role(str, Enum):
@@ -37,3 +40,56 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 
 def has_permission(role: Role, permission: Permission) -> bool:
     return permission in ROLE_PERMISSIONS[role]
+
+
+# Every route of the gateway and the permission it needs: the single source
+# the gateway enforces (``GatewayState.principal`` looks the matched route up
+# here) and the role-by-route test walks. ``None`` marks a public route (probes,
+# the OpenAPI document). A route missing from this table is refused to every
+# caller (fail closed) and fails the matrix test: add new routes here.
+PUBLIC = None
+ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/redoc"): PUBLIC,
+    ("GET", "/v1/models"): Permission.LIST_MODELS,
+    ("GET", "/v2/models/{name}"): Permission.LIST_MODELS,
+    ("POST", "/v1/chat/completions"): Permission.INFER,
+    ("POST", "/v1/imaging/{name}"): Permission.INFER,
+    ("POST", "/v2/models/{name}/infer"): Permission.INFER,
+}
+
+
+class UndeclaredRouteError(LookupError):
+    """A route was called that ROUTE_PERMISSIONS does not name."""
+
+
+def _compiled() -> list[tuple[str, re.Pattern[str], Permission | None]]:
+    # Rebuilt when the table changes (tests and plug-ins may add entries).
+    global _COMPILED_FOR, _COMPILED
+    snapshot = tuple(ROUTE_PERMISSIONS.items())
+    if _COMPILED_FOR != snapshot:
+        _COMPILED = [(method, compile_path(template)[0], permission) for (method, template), permission in snapshot]
+        _COMPILED_FOR = snapshot
+    return _COMPILED
+
+
+_COMPILED_FOR: tuple = ()
+_COMPILED: list[tuple[str, re.Pattern[str], Permission | None]] = []
+
+
+def route_permission(method: str, path: str) -> Permission | None:
+    """The permission a request needs, by matching its concrete path against the table's templates.
+
+    Raises UndeclaredRouteError when no declared route matches (the gateway then refuses).
+    """
+    method = "GET" if method.upper() == "HEAD" else method.upper()
+    if (method, path) in ROUTE_PERMISSIONS:
+        return ROUTE_PERMISSIONS[(method, path)]
+    for declared_method, pattern, permission in _compiled():
+        if declared_method == method and pattern.match(path):
+            return permission
+    raise UndeclaredRouteError(f"{method} {path}")
