@@ -247,6 +247,12 @@ def test_group_resources_prefer_ray_start_params():
     assert group_resources(group) == {"CPU": 6.0, "GPU": 2.0, "memory": float(16 * 2**30), "radiology_gpu": 1.0}
 
 
+def test_accelerator_label_advertises_the_accelerator_type():
+    group = _worker("gpu", "8", gpu="1")
+    group["template"]["metadata"] = {"labels": {"medserve.io/accelerator-type": "H100"}}
+    assert group_resources(group)["accelerator_type:H100"] == 1.0
+
+
 def test_container_limits_and_millicores():
     assert group_resources(_worker("small", "500m"))["CPU"] == 0.5
 

@@ -25,6 +25,7 @@ from medserve.errors import ClusterError, ConfigurationError
 GROUP = "ray.io"
 VERSION = "v1"
 PLURAL = "rayservices"
+ACCELERATOR_LABEL = "medserve.io/accelerator-type"
 
 
 def serve_config_yaml(config: dict[str, Any]) -> str:
@@ -161,6 +162,11 @@ def group_resources(group: dict[str, Any]) -> dict[str, float]:
         node["memory"] = _quantity(sized["memory"])
     if "resources" in params:
         node.update(_ray_custom_resources(params["resources"]))
+    # Ray adds accelerator_type:<type> on a node with such GPUs; a pod label
+    # (set by the chart from workerGroups.<name>.acceleratorType) says it ahead.
+    labels = ((group.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    if labels.get(ACCELERATOR_LABEL):
+        node[f"accelerator_type:{labels[ACCELERATOR_LABEL]}"] = 1.0
     return node
 
 
