@@ -292,3 +292,61 @@ def test_kubeconfig_used_outside_a_pod(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     client = load_kubernetes_api()
     assert client.configuration.host == "https://10.0.0.1:6443"
+
+
+@pytest.mark.slow
+def test_watch_loop_keeps_reconciling_until_sigterm(fake_api, repo_root, tmp_path):
+    """The chart's command line, as a process, reaching the fake API server through a kubeconfig."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medserve.db.engine import upgrade
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+                "users": [{"name": "u", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    upgrade(f"sqlite:///{tmp_path / 'medserve.db'}")
+    heartbeat = tmp_path / "heartbeat"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSERVE_", "KUBERNETES_"))}
+    env.update(
+        KUBECONFIG=str(kubeconfig),
+        MEDSERVE_HOME=str(tmp_path),
+        PYTHONPATH=str(repo_root / "platform"),
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "medserve.cli.main", "reconcile", "--target", "kuberay",
+            f"--namespace={NAMESPACE}", f"--rayservice={NAME}", f"--deployments={repo_root / 'deployments'}",
+            "--watch", "--interval=1", f"--heartbeat-file={heartbeat}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(fake_api.patches) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(fake_api.patches) >= 2, "the loop did not patch twice"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert heartbeat.exists()
+    first, second = (yaml.safe_load(body["spec"]["serveConfigV2"]) for _, body in fake_api.patches[:2])
+    assert first == second and "model-smollm2-demo" in {app["name"] for app in first["applications"]}
+    assert output.count("applied to RayService clinical-ai/medserve") >= 2
