@@ -354,13 +354,13 @@ def down() -> None:
 
 
 def _kuberay_options(command: Any) -> Any:
-    """--target/--namespace/--rayservice, shared by `reconcile` and `status`."""
+    """--namespace and --rayservice, shared by `reconcile` and `status`."""
     command = click.option(
         "--rayservice", default="medserve", show_default=True, help="Name of the RayService (kuberay target)."
     )(command)
     command = click.option(
         "--namespace",
-        default=lambda: _pod_namespace(),
+        default=_pod_namespace,
         show_default="the pod's namespace, else default",
         help="Namespace of the RayService (kuberay target).",
     )(command)
