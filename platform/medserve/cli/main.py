@@ -87,14 +87,28 @@ def schema() -> None:
 
 @cli.command()
 @click.option("--deployments", "deployments_dir", type=click.Path(path_type=Path), default=None)
-def render(deployments_dir: Path | None) -> None:
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["json", "yaml"]),
+    default="json",
+    show_default=True,
+    help="yaml: the spelling KubeRay's serveConfigV2 and the Helm chart carry.",
+)
+def render(deployments_dir: Path | None, output_format: str) -> None:
     """Print the Ray Serve config rendered from the catalog (all specs, no capacity check)."""
     from medserve.controlplane.render import render_serve_config
     from medserve.specs import load_catalog
 
     settings = _settings()
     specs = load_catalog(deployments_dir or settings.deployments_dir)
-    click.echo(json.dumps(render_serve_config(specs, _render_options(settings)), indent=2))
+    config = render_serve_config(specs, _render_options(settings))
+    if output_format == "yaml":
+        from medserve.controlplane.kuberay import serve_config_yaml
+
+        click.echo(serve_config_yaml(config), nl=False)
+    else:
+        click.echo(json.dumps(config, indent=2))
 
 
 @cli.group()
@@ -374,19 +388,145 @@ def down() -> None:
     _shutdown(settings, RayClusterTarget(state["dashboard_url"], token), state["started_ray"])
 
 
+def _kuberay_options(command: Any) -> Any:
+    """--namespace and --rayservice, shared by `reconcile` and `status`."""
+    command = click.option(
+        "--rayservice", default="medserve", show_default=True, help="Name of the RayService (kuberay target)."
+    )(command)
+    command = click.option(
+        "--namespace",
+        default=_pod_namespace,
+        show_default="the pod's namespace, else default",
+        help="Namespace of the RayService (kuberay target).",
+    )(command)
+    return command
+
+
+def _pod_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else "default"
+
+
+def _target(target: str, namespace: str, rayservice: str) -> Any:
+    if target == "kuberay":
+        from medserve.controlplane.kuberay import KubeRayTarget
+
+        return KubeRayTarget(namespace, rayservice)
+    from medserve.controlplane.targets import RayClusterTarget
+
+    ray_address = os.environ.get("RAY_ADDRESS")
+    if not ray_address:
+        _fail("--target ray needs RAY_ADDRESS (the Ray dashboard URL)")
+    return RayClusterTarget(_remote_dashboard_url(ray_address or ""), os.environ.get("RAY_AUTH_TOKEN"))
+
+
 @cli.command()
-def status() -> None:
+@click.option(
+    "--target",
+    type=click.Choice(["kuberay", "ray"]),
+    required=True,
+    help="kuberay: patch a RayService's serveConfigV2; ray: the Ray dashboard at RAY_ADDRESS.",
+)
+@_kuberay_options
+@click.option("--deployments", "deployments_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--watch", is_flag=True, help="Keep reconciling every --interval seconds until stopped.")
+@click.option("--interval", type=click.FloatRange(min=1.0), default=60.0, show_default=True)
+@click.option(
+    "--heartbeat-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Touch this file after each successful pass (a liveness probe checks its age).",
+)
+def reconcile(
+    target: str,
+    namespace: str,
+    rayservice: str,
+    deployments_dir: Path | None,
+    watch: bool,
+    interval: float,
+    heartbeat_file: Path | None,
+) -> None:
+    """Apply the catalog to a cluster once (or, with --watch, again and again).
+
+    Records every spec in the registry, skips what the cluster cannot host (with
+    the reason), renders one Serve config and hands it to the target. Engines
+    are not imported here: they run in the Ray image, not in this process.
+    """
+    from medserve.controlplane.reconcile import apply_catalog
+    from medserve.specs import load_catalog
+
+    settings = _settings()
+    url = settings.resolved_database_url
+    serve_target = _target(target, namespace, rayservice)
+    stopping = {"flag": False}
+
+    def _stop(_signum: int, _frame: Any) -> None:
+        stopping["flag"] = True
+
+    if watch:
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+    while True:
+        try:
+            specs = load_catalog(deployments_dir or settings.deployments_dir)
+            result = apply_catalog(
+                url,
+                specs,
+                serve_target,
+                _render_options(settings),
+                registered_by=f"medserve reconcile ({target})",
+                check_engines=False,
+            )
+        except MedserveError as error:
+            if not watch:
+                raise
+            click.echo(f"reconcile failed, retrying in {interval:g}s: [{error.code}] {error.message}", err=True)
+        else:
+            served = [item.spec.name for item in result.plan if item.deploy]
+            skipped = [f"{item.spec.name} ({item.reason})" for item in result.plan if not item.deploy]
+            click.echo(f"applied to {serve_target.description}: serving {', '.join(served) or 'nothing'}")
+            for line in skipped:
+                click.echo(f"  skipped {line}")
+            if heartbeat_file is not None:
+                heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
+                heartbeat_file.touch()
+        if not watch:
+            return
+        deadline = time.monotonic() + interval
+        while not stopping["flag"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if stopping["flag"]:
+            return
+
+
+@cli.command()
+@click.option(
+    "--target",
+    type=click.Choice(["local", "kuberay", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: what `medserve up` started here; kuberay: a RayService; ray: the dashboard at RAY_ADDRESS.",
+)
+@_kuberay_options
+def status(target: str, namespace: str, rayservice: str) -> None:
     """Show each Serve application's state."""
     from medserve.controlplane.local_ray import ray_auth_token
     from medserve.controlplane.targets import RayClusterTarget
 
-    settings = _settings()
-    state_path = settings.resolved_home / UP_STATE_FILE
-    if not state_path.exists():
-        _fail("medserve is not up here (no `medserve up` state found)")
-    state = json.loads(state_path.read_text())
-    token = ray_auth_token(settings) if state["started_ray"] else os.environ.get("RAY_AUTH_TOKEN")
-    for name, app in sorted(RayClusterTarget(state["dashboard_url"], token).application_status().items()):
+    if target != "local":
+        source = _target(target, namespace, rayservice)
+    else:
+        settings = _settings()
+        state_path = settings.resolved_home / UP_STATE_FILE
+        if not state_path.exists():
+            _fail("medserve is not up here (no `medserve up` state found)")
+        state = json.loads(state_path.read_text())
+        token = ray_auth_token(settings) if state["started_ray"] else os.environ.get("RAY_AUTH_TOKEN")
+        source = RayClusterTarget(state["dashboard_url"], token)
+    apps = source.application_status()
+    if not apps:
+        click.echo(f"{source.description}: no Serve application reported yet")
+    for name, app in sorted(apps.items()):
         click.echo(f"{name:<32} {app['status']:<14} {app['message'][:120]}")
 
 
