@@ -64,7 +64,7 @@ def test_serve_config_matches_what_medserve_render_produces_now(synced_chart):
 def test_serve_config_is_the_catalog_rendered_for_a_pod(repo_root):
     """Independent of make: the shipped file is render_serve_config(catalog) with the proxy on every interface."""
     committed = yaml.safe_load((CHART / "files" / "serve-config.yaml").read_text())
-    defaults = {name: Settings.model_fields[name].default for name in GATEWAY_SETTING_NAMES}
+    defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True) for name in GATEWAY_SETTING_NAMES}
     options = RenderOptions(http_host="0.0.0.0", gateway_settings=defaults)
     assert committed == render_serve_config(load_catalog(repo_root / "deployments"), options)
 
