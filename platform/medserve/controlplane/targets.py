@@ -44,15 +44,28 @@ class RayClusterTarget:
         headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self._client = httpx.Client(base_url=self.dashboard_url, headers=headers, timeout=timeout_s)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
-            raise ClusterError(f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}") from None
+    def _request(self, method: str, path: str, attempts: int = 3, **kwargs: Any) -> httpx.Response:
+        # Every call here is idempotent (GET, declarative PUT, DELETE), so a
+        # dashboard that is momentarily overloaded (5xx, dropped connection)
+        # is retried rather than failing a whole deploy.
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._client.request(method, path, **kwargs)
+            except httpx.HTTPError as error:
+                if attempt == attempts:
+                    raise ClusterError(
+                        f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}"
+                    ) from None
+            else:
+                if response.status_code < 500 or attempt == attempts:
+                    break
+            time.sleep(2.0 * attempt)
         if response.status_code >= 400:
+            # The dashboard's text is about the config, never about patients:
+            # show it, or a refused deploy cannot be diagnosed.
             raise ClusterError(
-                f"the Ray dashboard refused {method} {path} with HTTP {response.status_code}",
-                detail=response.text[:2000],
+                f"the Ray dashboard refused {method} {path} with HTTP {response.status_code}: "
+                f"{response.text[-1500:]}"
             )
         return response
 
