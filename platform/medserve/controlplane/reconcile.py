@@ -49,9 +49,12 @@ def capacity_problem(spec: DeploymentSpec, nodes: list[dict[str, float]]) -> str
     return "the cluster lacks resources (" + "; ".join(missing or ["no single node has all of them"]) + ")"
 
 
-def plan(specs: list[DeploymentSpec], nodes: list[dict[str, float]], *, check_engines: bool = True) -> list[PlanItem]:
+def plan(
+    specs: list[DeploymentSpec | PipelineSpec], nodes: list[dict[str, float]], *, check_engines: bool = True
+) -> list[PlanItem]:
+    """One item per model deployment (pipelines need no capacity of their own)."""
     items = []
-    for spec in specs:
+    for spec in deployments_of(specs):
         reason = capacity_problem(spec, nodes)
         if reason is None and check_engines:
             available, reason = engine_available(spec.model.engine)

@@ -24,13 +24,14 @@ class Permission(str, Enum):
     READ_AUDIT = "read_audit"
     ADMINISTER = "administer"
     READ_STATUS = "read_status"
+    READ_REVIEWS = "read_reviews"  # list unreviewed results and override rates
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset({Permission.ADMINISTER, Permission.LIST_MODELS, Permission.READ_STATUS}),
     Role.CLINICAL_APP: frozenset({Permission.INFER, Permission.LIST_MODELS}),
-    Role.CLINICIAN: frozenset({Permission.INFER, Permission.LIST_MODELS, Permission.REVIEW}),
-    Role.AUDITOR: frozenset({Permission.READ_AUDIT, Permission.LIST_MODELS}),
+    Role.CLINICIAN: frozenset({Permission.INFER, Permission.LIST_MODELS, Permission.REVIEW, Permission.READ_REVIEWS}),
+    Role.AUDITOR: frozenset({Permission.READ_AUDIT, Permission.LIST_MODELS, Permission.READ_REVIEWS}),
     Role.OPS: frozenset({Permission.READ_STATUS, Permission.LIST_MODELS}),
 }
 
