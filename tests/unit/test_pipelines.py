@@ -298,3 +298,15 @@ def test_review_routes_enforce_roles(database_url, gateway_client):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
     summary = gateway_client.get("/v1/reviews/summary", headers=auditor).json()["data"]
     assert summary[0]["accepted"] == 1 and summary[0]["override_rate"] == 0.0
+
+
+def test_cli_hashes_an_analyzer_spec_and_prints_the_pipeline_schema(repo_root, catalog):
+    from click.testing import CliRunner
+
+    from medserve.cli.main import cli
+
+    path = repo_root / "deployments" / "ct-liver-attenuation-hu.yaml"
+    hashed = CliRunner().invoke(cli, ["artifact", "hash", "--spec", str(path)])
+    assert hashed.exit_code == 0 and hashed.output.strip() == catalog["ct-liver-attenuation-hu"].model.artifact.sha256
+    schema = CliRunner().invoke(cli, ["schema", "--kind", "pipeline"])
+    assert schema.exit_code == 0 and json.loads(schema.output)["additionalProperties"] is False

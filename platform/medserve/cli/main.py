@@ -90,11 +90,13 @@ def validate(paths: tuple[str, ...]) -> None:
 
 
 @cli.command()
-def schema() -> None:
-    """Print the JSON Schema of a deployment spec."""
-    from medserve.specs import DeploymentSpec
+@click.option("--kind", type=click.Choice(["deployment", "pipeline"]), default="deployment", show_default=True)
+def schema(kind: str) -> None:
+    """Print the JSON Schema of a deployment (or pipeline) spec."""
+    from medserve.specs import DeploymentSpec, PipelineSpec
 
-    click.echo(json.dumps(DeploymentSpec.model_json_schema(), indent=2))
+    model = PipelineSpec if kind == "pipeline" else DeploymentSpec
+    click.echo(json.dumps(model.model_json_schema(), indent=2))
 
 
 @cli.command()
