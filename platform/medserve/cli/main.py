@@ -309,6 +309,10 @@ def up(detach: bool, deployments_dir: Path | None) -> None:
             click.echo(f"  serving  {item.spec.name}: {item.spec.model.name} {item.spec.model.version}")
         else:
             click.echo(f"  skipped  {item.spec.name}: {item.reason}")
+    from medserve.specs import pipelines_of
+
+    for pipeline in pipelines_of(specs):
+        click.echo(f"  pipeline {pipeline.name}: {', '.join(step.name for step in pipeline.steps)}")
     base = f"http://{settings.gateway_host}:{settings.gateway_port}"
     click.echo("")
     click.echo(f"medserve gateway: {base}  (health: {base}/healthz, models: {base}/v1/models)")
