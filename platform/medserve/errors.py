@@ -154,6 +154,25 @@ class InputConstraintError(BadRequestError):
     default_message = "This input is outside the model's validated use."
 
 
+class InvalidMultipartError(BadRequestError):
+    """A multipart/related body (a DICOM series upload) is malformed."""
+
+    code = "invalid_multipart"
+    default_message = "The multipart body is malformed."
+
+
+class InvalidSeriesError(BadRequestError):
+    """The DICOM instances do not form one consistent series (mixed series, shapes, orientations)."""
+
+    code = "invalid_series"
+    default_message = "The DICOM instances do not form one consistent series."
+
+
+class InvalidRoiError(BadRequestError):
+    code = "invalid_roi"
+    default_message = "A region of interest is invalid for this series."
+
+
 class ContextLengthExceededError(BadRequestError):
     code = "context_length_exceeded"
     default_message = "The prompt is longer than this model accepts."
@@ -169,6 +188,25 @@ class ModelNotFoundError(MedserveError):
     code = "model_not_found"
     http_status = 404
     default_message = "No deployed model has this name."
+
+
+class PipelineNotFoundError(ModelNotFoundError):
+    code = "pipeline_not_found"
+    default_message = "No pipeline has this name."
+
+
+class AlreadyReviewedError(MedserveError):
+    """A result is signed off once; the sign-off is part of the record."""
+
+    code = "already_reviewed"
+    http_status = 409
+    default_message = "This result has already been reviewed."
+
+
+class NotReviewableError(MedserveError):
+    code = "not_reviewable"
+    http_status = 409
+    default_message = "This inference produced no reviewable result."
 
 
 class OperationNotSupportedError(MedserveError):

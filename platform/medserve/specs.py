@@ -8,10 +8,20 @@ as their init argument), so a YAML file and the code can never disagree.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medserve.errors import SpecError
 
@@ -20,11 +30,16 @@ MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,98}[a-z0-9])?$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 Task = Literal["llm", "imaging"]
-EngineName = Literal["llama_cpp", "vllm", "onnx"]
+EngineName = Literal["llama_cpp", "vllm", "onnx", "hu_roi"]
 
 # Which engines can serve which task; checked so that a spec cannot pair an
 # LLM task with an image classifier runtime by mistake.
-ENGINES_BY_TASK: dict[str, set[str]] = {"llm": {"llama_cpp", "vllm"}, "imaging": {"onnx"}}
+ENGINES_BY_TASK: dict[str, set[str]] = {"llm": {"llama_cpp", "vllm"}, "imaging": {"onnx", "hu_roi"}}
+
+# Engines that are deterministic analyzers shipped with medserve: they have no
+# weights file; their artifact is builtin://<engine> and its sha256 pins the
+# analyzer's parameter document (see medserve.engines.hu_roi).
+BUILTIN_ENGINES = {"hu_roi"}
 
 
 class StrictModel(BaseModel):
@@ -37,7 +52,8 @@ class ArtifactSpec(StrictModel):
     uri: str = Field(
         description="Location of the weights: an absolute or relative file path (file or directory), "
         "a file:// URI, or package://<python-package>/<path inside it> for weights shipped in a "
-        "Python package. Nothing is downloaded at load time.",
+        "Python package, or builtin://<engine> for an analyzer shipped with medserve (no weights: "
+        "its sha256 pins the analyzer's parameter document). Nothing is downloaded at load time.",
         min_length=1,
     )
     sha256: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = Field(
@@ -51,9 +67,9 @@ class ArtifactSpec(StrictModel):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme = value.split("://", 1)[0] if "://" in value else "path"
-        if scheme not in {"path", "file", "package"}:
+        if scheme not in {"path", "file", "package", "builtin"}:
             raise ValueError(
-                f"unsupported artifact scheme {scheme!r}: use a local path, file:// or package:// "
+                f"unsupported artifact scheme {scheme!r}: use a local path, file://, package:// or builtin:// "
                 "(stage remote weights onto the nodes first)"
             )
         if scheme == "package" and "/" not in value.removeprefix("package://"):
@@ -72,7 +88,10 @@ class ModelSpec(StrictModel):
         description="Version of the model; every audit record carries it.",
     )
     task: Task = Field(description="llm: chat/completions; imaging: classification of images and DICOM.")
-    engine: EngineName = Field(description="Runtime: llama_cpp (CPU GGUF), vllm (GPU), onnx (ONNX Runtime).")
+    engine: EngineName = Field(
+        description="Runtime: llama_cpp (CPU GGUF), vllm (GPU), onnx (ONNX Runtime), "
+        "hu_roi (built-in Hounsfield-unit region-of-interest analyzer for CT series)."
+    )
     artifact: ArtifactSpec = Field(description="The weights and their pinned digest.")
     parameters: dict[str, Any] = Field(
         default_factory=dict,
@@ -85,6 +104,15 @@ class ModelSpec(StrictModel):
         if self.engine not in ENGINES_BY_TASK[self.task]:
             allowed = ", ".join(sorted(ENGINES_BY_TASK[self.task]))
             raise ValueError(f"engine {self.engine!r} cannot serve task {self.task!r} (use one of: {allowed})")
+        builtin = self.artifact.uri.startswith("builtin://")
+        if (self.engine in BUILTIN_ENGINES) != builtin or (
+            builtin and self.artifact.uri != f"builtin://{self.engine}"
+        ):
+            raise ValueError(
+                f"engine {self.engine!r} needs artifact uri builtin://{self.engine}"
+                if self.engine in BUILTIN_ENGINES
+                else "builtin:// artifacts are for built-in analyzer engines only"
+            )
         return self
 
 
@@ -200,6 +228,9 @@ class ModelCard(StrictModel):
 class DeploymentSpec(StrictModel):
     """One model deployment: what to serve, on what, for whom."""
 
+    kind: Literal["deployment"] = Field(
+        default="deployment", description="Spec kind; files without one are deployments."
+    )
     name: str = Field(pattern=NAME_PATTERN, description="Deployment name; also the Ray Serve application name.")
     description: str | None = Field(default=None, description="Free text for people reading the catalog.")
     model: ModelSpec = Field(description="The model and version to serve.")
@@ -218,28 +249,110 @@ class DeploymentSpec(StrictModel):
         return self
 
 
+class PipelineStepSpec(StrictModel):
+    """One check of a pipeline: a deployed model (or built-in analyzer) run on the whole series."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Step name; findings and ROIs in requests refer to it.")
+    model: str = Field(
+        pattern=MODEL_NAME_PATTERN,
+        description="Model name of a deployment in the same catalog (its model.name) that the step calls.",
+    )
+    description: str | None = Field(default=None, description="What the step checks, for people reading reports.")
+
+
+class PipelineInputSpec(StrictModel):
+    """What series the pipeline as a whole accepts; each step's own inputs are checked as well."""
+
+    modalities: list[str] = Field(
+        default_factory=list, description="Accepted DICOM Modality codes for the series. Empty: any."
+    )
+    body_parts: list[str] = Field(
+        default_factory=list, description="Accepted DICOM BodyPartExamined values. Empty: any."
+    )
+    max_instances: int = Field(
+        default=1000, ge=1, le=10_000, description="Most DICOM instances (slices) one request may carry."
+    )
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [value.strip().upper() for value in values]
+
+
+class PipelineSpec(StrictModel):
+    """Several checks on one DICOM series ("one sweep, many checks"), merged into one report."""
+
+    kind: Literal["pipeline"] = Field(description="Spec kind: pipeline.")
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name; the route is /v1/pipelines/{name}/studies.")
+    version: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        description="Version of the pipeline definition; the pipeline's own audit record carries it.",
+    )
+    description: str | None = Field(default=None, description="Free text for people reading the catalog.")
+    inputs: PipelineInputSpec = Field(default_factory=PipelineInputSpec, description="Series constraints.")
+    access: AccessSpec = Field(default_factory=AccessSpec, description="Which departments may run it.")
+    steps: list[PipelineStepSpec] = Field(
+        min_length=1, max_length=16, description="Checks run in parallel on the same series."
+    )
+
+    @model_validator(mode="after")
+    def _unique_steps(self) -> "PipelineSpec":
+        names = [step.name for step in self.steps]
+        if len(names) != len(set(names)):
+            raise ValueError("step names must be unique within a pipeline")
+        return self
+
+
+def _spec_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "deployment"))
+    return str(getattr(value, "kind", "deployment"))
+
+
+# Discriminated by `kind`; files written before pipelines existed have none
+# and are deployments.
+AnySpec = Annotated[
+    Union[Annotated[DeploymentSpec, Tag("deployment")], Annotated[PipelineSpec, Tag("pipeline")]],
+    Discriminator(_spec_kind),
+]
+_ANY_SPEC: TypeAdapter[DeploymentSpec | PipelineSpec] = TypeAdapter(AnySpec)
+
+
+def deployments_of(specs: list[DeploymentSpec | PipelineSpec]) -> list[DeploymentSpec]:
+    return [spec for spec in specs if isinstance(spec, DeploymentSpec)]
+
+
+def pipelines_of(specs: list[DeploymentSpec | PipelineSpec]) -> list[PipelineSpec]:
+    return [spec for spec in specs if isinstance(spec, PipelineSpec)]
+
+
 # --- loading ----------------------------------------------------------------
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = item["loc"]
+        if loc and loc[0] in {"deployment", "pipeline"}:  # the union's tag, not a field
+            loc = loc[1:]
+        location = ".".join(str(part) for part in loc) or "(top level)"
         lines.append(f"{path}: {location}: {item['msg']}")
     return "\n".join(lines)
 
 
-def parse_spec(data: Any, source: Path | str = "<spec>") -> DeploymentSpec:
+def parse_spec(data: Any, source: Path | str = "<spec>") -> DeploymentSpec | PipelineSpec:
     path = Path(str(source))
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the file must hold one YAML mapping", file=str(path))
+    if data.get("kind", "deployment") not in {"deployment", "pipeline"}:
+        raise SpecError(f"{path}: kind: must be 'deployment' (the default) or 'pipeline'", file=str(path))
     try:
-        return DeploymentSpec.model_validate(data)
+        return _ANY_SPEC.validate_python(data)
     except ValidationError as error:
         raise SpecError(_format_validation_error(path, error), file=str(path)) from None
 
 
-def load_spec(path: Path) -> DeploymentSpec:
+def load_spec(path: Path) -> DeploymentSpec | PipelineSpec:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -255,12 +368,27 @@ def spec_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
 
 
-def load_catalog(directory: Path) -> list[DeploymentSpec]:
-    """All specs in a directory; raises on the first bad file and on duplicate names."""
+def load_catalog(directory: Path) -> list[DeploymentSpec | PipelineSpec]:
+    """All specs in a directory; raises on the first bad file, on duplicate names,
+    and on pipeline steps that name no model of the catalog."""
     specs = [load_spec(path) for path in spec_files(directory)]
     seen: dict[str, str] = {}
     for spec in specs:
         if spec.name in seen:
             raise SpecError(f"deployment name {spec.name!r} is used twice in {directory}", name=spec.name)
         seen[spec.name] = spec.name
+    check_pipeline_steps(specs)
     return specs
+
+
+def check_pipeline_steps(specs: list[DeploymentSpec | PipelineSpec]) -> None:
+    """Every pipeline step must call an imaging model that the same catalog deploys."""
+    imaging_models = {spec.model.name for spec in deployments_of(specs) if spec.model.task == "imaging"}
+    for pipeline in pipelines_of(specs):
+        for step in pipeline.steps:
+            if step.model not in imaging_models:
+                raise SpecError(
+                    f"pipeline {pipeline.name!r}: step {step.name!r} calls {step.model!r}, "
+                    "which is no imaging model of this catalog",
+                    name=pipeline.name,
+                )

@@ -37,7 +37,9 @@ def test_up_prints_url_and_a_working_demo_key_then_down_stops_it(platform: Platf
         demo_key = up.stdout.split("demo API key (clinical-app): ")[1].split()[0]
         models = httpx.get(f"{platform.base_url}/v1/models", headers={"Authorization": f"Bearer {demo_key}"})
         assert models.status_code == 200
-        assert {m["id"] for m in models.json()["data"]} == {"brain-mri-tumour", "smollm2-135m-instruct"}
+        assert {m["id"] for m in models.json()["data"]} == {
+            "brain-mri-tumour", "smollm2-135m-instruct", "ct-trabecular-bone-hu", "ct-liver-attenuation-hu"}
+        assert "pipeline ct-opportunistic-screen: bone, liver, pancreas" in up.stdout
 
         again = _medserve(platform, "up", "--detach")
         assert again.returncode == 0 and demo_key in again.stdout, "a second `up` keeps the demo key"

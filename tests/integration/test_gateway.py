@@ -29,7 +29,8 @@ def test_health_and_readiness(platform: Platform):
     with platform.client() as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["models"] == 2
+        # brain-mri-tumour, smollm2 and the two hu_roi analyzers (GPU specs are skipped).
+        assert ready.status_code == 200 and ready.json()["models"] == 4
 
 
 def test_models_list_shows_versions(platform: Platform, app_key: str):

@@ -3,7 +3,7 @@
 from ray.serve.schema import ServeDeploySchema
 
 from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
-from medserve.specs import load_catalog
+from medserve.specs import deployments_of, load_catalog, pipelines_of
 
 
 def _config(repo_root, **options):
@@ -25,8 +25,16 @@ def test_only_the_gateway_has_a_route(repo_root):
     specs, config = _config(repo_root)
     routes = {app["name"]: app["route_prefix"] for app in config["applications"]}
     assert routes.pop(GATEWAY_APP) == "/"
-    assert len(routes) == len(specs)
+    # One application per model; pipelines run inside the gateway.
+    assert len(routes) == len(deployments_of(specs))
     assert set(routes.values()) == {None}
+
+
+def test_pipelines_travel_in_the_gateway_args(repo_root):
+    specs, config = _config(repo_root)
+    pipelines = {p["name"]: p for p in _app(config, GATEWAY_APP)["args"]["pipelines"]}
+    assert set(pipelines) == {p.name for p in pipelines_of(specs)}
+    assert [step["model"] for step in pipelines["mr-brain-screen"]["steps"]] == ["brain-mri-tumour"]
 
 
 def test_gateway_catalog_carries_version_and_digest(repo_root):

@@ -9,7 +9,16 @@ from click.testing import CliRunner
 
 from medserve.cli.main import cli
 from medserve.errors import SpecError
-from medserve.specs import DeploymentSpec, StrictModel, load_catalog, load_spec, spec_files
+from medserve.specs import (
+    DeploymentSpec,
+    PipelineSpec,
+    StrictModel,
+    deployments_of,
+    load_catalog,
+    load_spec,
+    pipelines_of,
+    spec_files,
+)
 
 
 def _valid() -> dict:
@@ -31,8 +40,9 @@ def test_every_catalog_spec_validates(repo_root):
     files = spec_files(repo_root / "deployments")
     assert len(files) >= 5
     specs = load_catalog(repo_root / "deployments")
-    engines = {spec.model.engine for spec in specs}
-    assert {"onnx", "llama_cpp", "vllm"} <= engines
+    engines = {spec.model.engine for spec in deployments_of(specs)}
+    assert {"onnx", "llama_cpp", "vllm", "hu_roi"} <= engines
+    assert {p.name for p in pipelines_of(specs)} >= {"ct-opportunistic-screen", "mr-brain-screen"}
 
 
 def test_catalog_has_cpu_demos_and_gpu_specs(repo_root):
@@ -118,3 +128,4 @@ def test_every_field_is_documented():
         return missing
 
     assert walk(DeploymentSpec) == []
+    assert walk(PipelineSpec) == []

@@ -59,10 +59,11 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
 def validate(paths: tuple[str, ...]) -> None:
     """Check deployment spec files (or directories of them); non-zero exit on any problem."""
     from medserve.errors import SpecError
-    from medserve.specs import load_spec
+    from medserve.specs import PipelineSpec, check_pipeline_steps, load_spec
 
     problems = 0
     files = _expand(paths)
+    loaded = []
     for path in files:
         try:
             spec = load_spec(path)
@@ -70,7 +71,18 @@ def validate(paths: tuple[str, ...]) -> None:
             problems += 1
             click.echo(error.message, err=True)
         else:
-            click.echo(f"{path}: ok ({spec.name}: {spec.model.name} {spec.model.version}, {spec.model.engine})")
+            loaded.append(spec)
+            if isinstance(spec, PipelineSpec):
+                steps = ", ".join(f"{step.name}={step.model}" for step in spec.steps)
+                click.echo(f"{path}: ok ({spec.name}: pipeline {spec.version}, steps {steps})")
+            else:
+                click.echo(f"{path}: ok ({spec.name}: {spec.model.name} {spec.model.version}, {spec.model.engine})")
+    if not problems and any(Path(raw).is_dir() for raw in paths):
+        try:  # a whole catalog: pipeline steps must name its models
+            check_pipeline_steps(loaded)
+        except SpecError as error:
+            problems += 1
+            click.echo(error.message, err=True)
     if problems:
         _fail(f"{problems} of {len(files)} spec file(s) invalid")
     if not files:
@@ -78,11 +90,13 @@ def validate(paths: tuple[str, ...]) -> None:
 
 
 @cli.command()
-def schema() -> None:
-    """Print the JSON Schema of a deployment spec."""
-    from medserve.specs import DeploymentSpec
+@click.option("--kind", type=click.Choice(["deployment", "pipeline"]), default="deployment", show_default=True)
+def schema(kind: str) -> None:
+    """Print the JSON Schema of a deployment (or pipeline) spec."""
+    from medserve.specs import DeploymentSpec, PipelineSpec
 
-    click.echo(json.dumps(DeploymentSpec.model_json_schema(), indent=2))
+    model = PipelineSpec if kind == "pipeline" else DeploymentSpec
+    click.echo(json.dumps(model.model_json_schema(), indent=2))
 
 
 @cli.command()
@@ -117,12 +131,25 @@ def artifact() -> None:
 
 
 @artifact.command("hash")
-@click.argument("uri")
-def artifact_hash(uri: str) -> None:
+@click.argument("uri", required=False)
+@click.option("--spec", "spec_path", type=click.Path(path_type=Path, exists=True), default=None,
+              help="A built-in analyzer's spec: hash its parameter document instead of a file.")
+def artifact_hash(uri: str | None, spec_path: Path | None) -> None:
     """Print the sha256 a spec should pin for an artifact (file, directory or package:// URI)."""
     from medserve.engines.artifacts import artifact_sha256, resolve_artifact
 
-    click.echo(artifact_sha256(resolve_artifact(uri)))
+    if spec_path is not None:
+        from medserve.engines.hu_roi import parameter_sha256
+        from medserve.specs import BUILTIN_ENGINES, DeploymentSpec, load_spec
+
+        spec = load_spec(spec_path)
+        if not isinstance(spec, DeploymentSpec) or spec.model.engine not in BUILTIN_ENGINES:
+            _fail("--spec takes the spec of a built-in analyzer (engine hu_roi)")
+        click.echo(parameter_sha256(spec))  # type: ignore[arg-type]
+        return
+    if not uri:
+        _fail("give an artifact URI or --spec")
+    click.echo(artifact_sha256(resolve_artifact(uri)))  # type: ignore[arg-type]
 
 
 # --- database ----------------------------------------------------------------
@@ -331,6 +358,10 @@ def up(detach: bool, deployments_dir: Path | None) -> None:
             click.echo(f"  serving  {item.spec.name}: {item.spec.model.name} {item.spec.model.version}")
         else:
             click.echo(f"  skipped  {item.spec.name}: {item.reason}")
+    from medserve.specs import pipelines_of
+
+    for pipeline in pipelines_of(specs):
+        click.echo(f"  pipeline {pipeline.name}: {', '.join(step.name for step in pipeline.steps)}")
     base = f"http://{settings.gateway_host}:{settings.gateway_port}"
     click.echo("")
     click.echo(f"medserve gateway: {base}  (health: {base}/healthz, models: {base}/v1/models)")

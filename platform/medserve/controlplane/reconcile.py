@@ -15,7 +15,7 @@ from medserve.controlplane.targets import ServeTarget
 from medserve.db.engine import session_scope
 from medserve.engines.loader import engine_available
 from medserve.registry.service import mark_removed, record_deployment, register_version
-from medserve.specs import DeploymentSpec
+from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,12 @@ def capacity_problem(spec: DeploymentSpec, nodes: list[dict[str, float]]) -> str
     return "the cluster lacks resources (" + "; ".join(missing or ["no single node has all of them"]) + ")"
 
 
-def plan(specs: list[DeploymentSpec], nodes: list[dict[str, float]], *, check_engines: bool = True) -> list[PlanItem]:
+def plan(
+    specs: list[DeploymentSpec | PipelineSpec], nodes: list[dict[str, float]], *, check_engines: bool = True
+) -> list[PlanItem]:
+    """One item per model deployment (pipelines need no capacity of their own)."""
     items = []
-    for spec in specs:
+    for spec in deployments_of(specs):
         reason = capacity_problem(spec, nodes)
         if reason is None and check_engines:
             available, reason = engine_available(spec.model.engine)
@@ -68,7 +71,7 @@ class ApplyResult:
 
 def apply_catalog(
     database_url: str,
-    specs: list[DeploymentSpec],
+    specs: list[DeploymentSpec | PipelineSpec],
     target: ServeTarget,
     options: RenderOptions,
     *,
@@ -76,6 +79,8 @@ def apply_catalog(
     check_engines: bool = True,
     wait_timeout_s: float = 600.0,
 ) -> ApplyResult:
+    pipelines = pipelines_of(specs)
+    specs = deployments_of(specs)
     items = plan(specs, target.node_resources(), check_engines=check_engines)
     deployable = [item.spec for item in items if item.deploy]
     with session_scope(database_url) as session:
@@ -83,7 +88,9 @@ def apply_catalog(
             version = register_version(session, item.spec, registered_by)
             record_deployment(session, item.spec, version, "applied" if item.deploy else "skipped", item.reason)
         mark_removed(session, {spec.name for spec in specs})
-    config = render_serve_config(deployable, options)
+    # Pipelines always render: a step whose model was skipped is reported as
+    # failed (model_unavailable) in each report rather than hiding the pipeline.
+    config = render_serve_config([*deployable, *pipelines], options)
     target.apply(config)
     statuses: dict[str, dict[str, Any]] = {}
     wait = getattr(target, "wait_until_running", None)

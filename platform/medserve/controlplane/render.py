@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.gateway.catalog import CatalogEntry
 from medserve.settings import Settings
-from medserve.specs import DeploymentSpec
+from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
 
 GATEWAY_APP = "gateway"
 GATEWAY_DEPLOYMENT = "Gateway"
@@ -148,7 +148,9 @@ def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, 
     }
 
 
-def render_gateway_app(specs: list[DeploymentSpec], options: RenderOptions) -> dict[str, Any]:
+def render_gateway_app(
+    specs: list[DeploymentSpec], options: RenderOptions, pipelines: list[PipelineSpec] | None = None
+) -> dict[str, Any]:
     app: dict[str, Any] = {
         "name": GATEWAY_APP,
         "route_prefix": "/",
@@ -166,21 +168,32 @@ def render_gateway_app(specs: list[DeploymentSpec], options: RenderOptions) -> d
             }
         ],
     }
+    if pipelines:
+        # Pipelines run inside the gateway (fan-out over model handles), so
+        # they travel with it rather than becoming applications of their own.
+        app["args"]["pipelines"] = [pipeline.model_dump(mode="json") for pipeline in pipelines]
     if options.gateway_env:
         app["runtime_env"] = {"env_vars": dict(options.gateway_env)}
     return app
 
 
-def render_serve_config(specs: list[DeploymentSpec], options: RenderOptions | None = None) -> dict[str, Any]:
-    """The whole Serve config: one gateway application plus one application per model."""
+def render_serve_config(
+    specs: list[DeploymentSpec | PipelineSpec], options: RenderOptions | None = None
+) -> dict[str, Any]:
+    """The whole Serve config: one gateway application plus one application per model.
+
+    Pipeline specs add no application: the gateway runs them over the models' handles.
+    """
     options = options or RenderOptions()
     http_options: dict[str, Any] = {"host": options.http_host, "port": options.http_port}
     if options.ssl_certfile and options.ssl_keyfile:
         # Paths, not key material: the files must exist on every node running a proxy.
         http_options["ssl_certfile"] = options.ssl_certfile
         http_options["ssl_keyfile"] = options.ssl_keyfile
+    models = deployments_of(specs)
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options,
-        "applications": [render_gateway_app(specs, options)] + [render_model_app(s, options) for s in specs],
+        "applications": [render_gateway_app(models, options, pipelines_of(specs))]
+        + [render_model_app(s, options) for s in models],
     }

@@ -162,3 +162,30 @@ class AuditRecord(Base):
     encounter_pseudonym: Mapped[str | None] = mapped_column(String(64))
     clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))
     purpose_pseudonym: Mapped[str | None] = mapped_column(String(64))
+
+
+class Review(Base):
+    """A clinician's sign-off of one AI result (one audit record): accept, edit or reject.
+
+    One per result: a sign-off is part of the clinical record and is not
+    overwritten. Model name and version are copied from the audit record so
+    override rates per model version need no join.
+    """
+
+    __tablename__ = "reviews"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    inference_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("audit_records.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    model_name: Mapped[str | None] = mapped_column(String(100), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    # accept | edit | reject
+    decision: Mapped[str] = mapped_column(String(16))
+    # The clinician's corrected finding (edit only).
+    corrected_finding: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    comment: Mapped[str | None] = mapped_column(Text)
+    reviewer_key_id: Mapped[str] = mapped_column(String(32))
+    reviewer_name: Mapped[str] = mapped_column(String(200))
+    reviewer_role: Mapped[str] = mapped_column(String(32))
+    # HMAC pseudonym of X-Clinician-Id, when the reviewing app sends it.
+    clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))

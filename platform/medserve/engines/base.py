@@ -74,3 +74,11 @@ class ImagingEngine(Engine):
     @abstractmethod
     def metadata(self) -> dict[str, Any]:
         """Input and output tensor descriptions for GET /v2/models/{name}."""
+
+
+class VolumeEngine(Engine):
+    """An analyzer of a whole assembled series (see medserve.imaging.series)."""
+
+    @abstractmethod
+    def analyze(self, volume: Any, roi: Any | None) -> list[dict[str, Any]]:
+        """Findings for one volume; ``roi`` is a RoiBox from the request, or None for the engine's default."""

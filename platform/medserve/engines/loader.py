@@ -13,7 +13,8 @@ from medserve.specs import DeploymentSpec
 def engine_available(engine: str) -> tuple[bool, str | None]:
     """Whether this Python environment can run an engine, and why not."""
     needs = {"llama_cpp": ("llama_cpp", "llama-cpp-python"), "onnx": ("onnxruntime", "onnxruntime"),
-             "vllm": ("vllm", "the optional extra medserve[gpu] (vLLM through Ray Serve LLM)")}
+             "vllm": ("vllm", "the optional extra medserve[gpu] (vLLM through Ray Serve LLM)"),
+             "hu_roi": ("numpy", "numpy")}
     module, install = needs[engine]
     if importlib.util.find_spec(module) is None:
         return False, f"the {engine} engine needs {install}, which is not installed"
@@ -25,6 +26,12 @@ def load_engine(spec: DeploymentSpec, *, allow_unpinned: bool = False) -> tuple[
     available, reason = engine_available(spec.model.engine)
     if not available:
         raise MissingExtraError(reason, engine=spec.model.engine)
+    if spec.model.engine == "hu_roi":
+        # A built-in analyzer: no weights; its pinned digest covers its parameter document.
+        from medserve.engines.hu_roi import HuRoiAnalyzer, verify_parameters
+
+        sha256 = verify_parameters(spec, allow_unpinned=allow_unpinned)
+        return HuRoiAnalyzer(spec), sha256
     path, sha256 = verify_artifact(spec.model.artifact.uri, spec.model.artifact.sha256, allow_unpinned=allow_unpinned)
     if spec.model.engine == "llama_cpp":
         from medserve.engines.llama_cpp import LlamaCppEngine

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine
+from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine, VolumeEngine
 from medserve.engines.loader import load_engine
 from medserve.errors import (
     ContextLengthExceededError,
@@ -27,6 +28,7 @@ from medserve.errors import (
 )
 from medserve.imaging.decode import ImageLimits, decode_dicom, decode_png
 from medserve.imaging.preprocess import to_model_input
+from medserve.imaging.series import RoiBox, Volume, assemble_series
 from medserve.protocols.oip import InferRequest, tensor_from_numpy
 from medserve.settings import Settings
 from medserve.specs import DeploymentSpec
@@ -122,6 +124,18 @@ class ModelServer:
             )
 
     def _classify_sync(self, body: bytes, content_type: str) -> dict[str, Any]:
+        if isinstance(self.engine, VolumeEngine):
+            # A series analyzer given one instance: a series of one slice, default ROI.
+            if content_type not in DICOM_TYPES:
+                raise InputConstraintError("this model accepts DICOM only", model=self.spec.model.name)
+            volume = assemble_series([body])
+            self._check_constraints(volume.modality, volume.body_part, "dicom")
+            findings = self.engine.analyze(volume, None)
+            return {
+                "findings": findings,
+                "input": {"format": "dicom", "modality": volume.modality, "body_part": volume.body_part},
+                "output_sha256": _digest(json.dumps(findings, sort_keys=True)),
+            }
         engine = self._imaging()
         if content_type in DICOM_TYPES:
             image = decode_dicom(body, self.image_limits)
@@ -148,6 +162,42 @@ class ModelServer:
     @_envelope_errors
     async def classify(self, body: bytes, content_type: str) -> dict[str, Any]:
         return await asyncio.to_thread(self._classify_sync, body, content_type)
+
+    def _analyze_series_sync(self, volume: Volume, roi: dict[str, Any] | None) -> dict[str, Any]:
+        self._check_constraints(volume.modality, volume.body_part, "dicom")
+        if isinstance(self.engine, VolumeEngine):
+            findings = self.engine.analyze(volume, RoiBox.model_validate(roi) if roi else None)
+        elif isinstance(self.engine, ImagingEngine):
+            # A 2-D classifier sees the series' middle slice, windowed as a single upload would be.
+            engine = self.engine
+            batch = to_model_input(volume.middle_slice_image(), engine.input_height, engine.input_width,
+                                   engine.input_channels)
+            probabilities = engine.predict(batch)[0]
+            ranked = sorted(
+                ({"label": label, "probability": round(float(p), 6)} for label, p in zip(engine.labels, probabilities)),
+                key=lambda item: item["probability"],
+                reverse=True,
+            )
+            findings = [
+                {
+                    "code": f"{self.spec.model.name}-class",
+                    "display": f"{self.spec.model.name} classification",
+                    "label": ranked[0]["label"],
+                    "value": ranked[0]["probability"],
+                    "unit": "probability",
+                    "flag": None,
+                    "interpretation": f"most probable class: {ranked[0]['label']}",
+                    "details": {"probabilities": ranked, "slice": volume.shape[0] // 2},
+                }
+            ]
+        else:
+            raise OperationNotSupportedError("this model does not analyse images", model=self.spec.model.name)
+        return {"findings": findings, "output_sha256": _digest(json.dumps(findings, sort_keys=True))}
+
+    @_envelope_errors
+    async def analyze_series(self, volume: Volume, roi: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Findings for one assembled series (pipeline steps call this)."""
+        return await asyncio.to_thread(self._analyze_series_sync, volume, roi)
 
     @_envelope_errors
     async def infer(self, request: dict[str, Any]) -> dict[str, Any]:

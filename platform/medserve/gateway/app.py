@@ -13,7 +13,7 @@ from ray import serve
 
 from medserve import __version__
 from medserve.gateway.errors import install_error_handlers
-from medserve.gateway.routes import chat, health, imaging, models, oip
+from medserve.gateway.routes import chat, health, imaging, models, oip, pipelines, reviews
 from medserve.gateway.state import GatewayState, set_gateway
 
 
@@ -24,7 +24,7 @@ def create_app() -> FastAPI:
         description="Authenticated, audited access to the hospital's models.",
     )
     install_error_handlers(app)
-    for module in (health, models, chat, imaging, oip):
+    for module in (health, models, chat, imaging, oip, pipelines, reviews):
         app.include_router(module.router)
     return app
 
@@ -50,8 +50,13 @@ app = create_app()
 class Gateway:
     """One gateway replica: builds the shared state the routes use."""
 
-    def __init__(self, catalog: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
-        self.state = GatewayState(catalog, settings)
+    def __init__(
+        self,
+        catalog: list[dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+        pipelines: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.state = GatewayState(catalog, settings, pipelines)
         set_gateway(self.state)
 
     def __del__(self) -> None:
@@ -63,4 +68,6 @@ class Gateway:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder named by import_path in the rendered Serve config."""
-    return serve.deployment(Gateway, name="Gateway").bind(args["catalog"], args.get("settings") or {})
+    return serve.deployment(Gateway, name="Gateway").bind(
+        args["catalog"], args.get("settings") or {}, args.get("pipelines") or []
+    )

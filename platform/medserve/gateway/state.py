@@ -61,9 +61,17 @@ def oidc_verifier(settings: Settings) -> OIDCVerifier | None:
 
 
 class GatewayState:
-    def __init__(self, catalog: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        catalog: list[dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+        pipelines: list[dict[str, Any]] | None = None,
+    ) -> None:
+        from medserve.specs import PipelineSpec
+
         self.settings = Settings(**(settings or {}))
         self.catalog = Catalog([CatalogEntry.model_validate(entry) for entry in catalog])
+        self.pipelines = {spec.name: spec for spec in (PipelineSpec.model_validate(p) for p in pipelines or [])}
         self.database_url = self.settings.resolved_database_url
         self.authenticator = Authenticator(
             self.database_url, self.settings.api_key_cache_seconds, oidc_verifier(self.settings)

@@ -27,13 +27,14 @@ class Permission(str, Enum):
     READ_AUDIT = "read_audit"
     ADMINISTER = "administer"
     READ_STATUS = "read_status"
+    READ_REVIEWS = "read_reviews"  # list unreviewed results and override rates
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset({Permission.ADMINISTER, Permission.LIST_MODELS, Permission.READ_STATUS}),
     Role.CLINICAL_APP: frozenset({Permission.INFER, Permission.LIST_MODELS}),
-    Role.CLINICIAN: frozenset({Permission.INFER, Permission.LIST_MODELS, Permission.REVIEW}),
-    Role.AUDITOR: frozenset({Permission.READ_AUDIT, Permission.LIST_MODELS}),
+    Role.CLINICIAN: frozenset({Permission.INFER, Permission.LIST_MODELS, Permission.REVIEW, Permission.READ_REVIEWS}),
+    Role.AUDITOR: frozenset({Permission.READ_AUDIT, Permission.LIST_MODELS, Permission.READ_REVIEWS}),
     Role.OPS: frozenset({Permission.READ_STATUS, Permission.LIST_MODELS}),
 }
 
@@ -60,6 +61,11 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     ("POST", "/v1/chat/completions"): Permission.INFER,
     ("POST", "/v1/imaging/{name}"): Permission.INFER,
     ("POST", "/v2/models/{name}/infer"): Permission.INFER,
+    ("GET", "/v1/pipelines"): Permission.LIST_MODELS,
+    ("POST", "/v1/pipelines/{name}/studies"): Permission.INFER,
+    ("POST", "/v1/reviews/{inference_id}"): Permission.REVIEW,
+    ("GET", "/v1/reviews/pending"): Permission.READ_REVIEWS,
+    ("GET", "/v1/reviews/summary"): Permission.READ_REVIEWS,
 }
 
 
