@@ -20,7 +20,7 @@ from medserve.gateway.app import create_app
 from medserve.gateway.catalog import CatalogEntry
 from medserve.gateway.state import GatewayState, set_gateway
 from medserve.security.api_keys import create_api_key
-from medserve.specs import load_catalog
+from medserve.specs import deployments_of, load_catalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ class CannedGateway(GatewayState):
 
 
 def catalog() -> list[dict[str, Any]]:
-    return [catalog_entry(spec).model_dump(mode="json") for spec in load_catalog(REPO_ROOT / "deployments")]
+    return [catalog_entry(spec).model_dump(mode="json") for spec in deployments_of(load_catalog(REPO_ROOT / "deployments"))]
 
 
 @contextlib.contextmanager

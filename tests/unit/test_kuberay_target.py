@@ -22,7 +22,7 @@ from medserve.controlplane.kuberay import KubeRayTarget, group_resources, node_r
 from medserve.controlplane.reconcile import apply_catalog  # noqa: E402
 from medserve.controlplane.render import RenderOptions, render_serve_config  # noqa: E402
 from medserve.errors import ClusterError  # noqa: E402
-from medserve.specs import load_catalog  # noqa: E402
+from medserve.specs import load_catalog, pipelines_of  # noqa: E402
 
 NAMESPACE, NAME = "clinical-ai", "medserve"
 PATH = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices/{NAME}"
@@ -166,7 +166,7 @@ def test_reconcile_patches_the_named_rayservice_with_what_it_renders(fake_api, t
     patched = yaml.safe_load(body["spec"]["serveConfigV2"])
     assert patched == result.config
     deployable = [item.spec for item in result.plan if item.deploy]
-    assert patched == render_serve_config(deployable, options)
+    assert patched == render_serve_config([*deployable, *pipelines_of(specs)], options)
     # The GPU group has 1 GPU and no accelerator label: the 2-GPU and H100
     # specs are skipped with a reason; the CPU models are served.
     by_name = {item.spec.name: item for item in result.plan}

@@ -14,7 +14,6 @@ The volume keeps no patient identifiers: only geometry and acquisition facts.
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medserve.errors import InvalidDicomError, InvalidRoiError, InvalidSeriesError, PayloadTooLargeError
-from medserve.imaging.decode import MAX_PIXELS, DecodedImage, _first_number, _window
+from medserve.imaging.decode import MAX_PIXELS, DecodedImage, _first_number, _window, read_dicom_dataset
 
 # 64 Mi voxels = 256 MiB of float32: a 512 x 512 x 256 CT fits.
 MAX_VOXELS = 64 * 1024 * 1024
@@ -111,17 +110,7 @@ def _numbers(value: Any, count: int) -> np.ndarray | None:
 
 
 def _read_instance(index: int, body: bytes) -> _Instance:
-    import pydicom
-    from pydicom.errors import InvalidDicomError as PydicomInvalid
-
-    if not body:
-        raise InvalidDicomError("a DICOM part is empty", instance=index)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(io.BytesIO(body))
-    except (PydicomInvalid, EOFError, ValueError, TypeError, KeyError, IndexError, OSError, AttributeError):
-        raise InvalidDicomError(instance=index) from None
+    dataset = read_dicom_dataset(body, instance=index)
     if "PixelData" not in dataset:
         raise InvalidDicomError("a DICOM instance carries no pixel data", instance=index)
     rows, columns = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
