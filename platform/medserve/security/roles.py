@@ -27,7 +27,9 @@ class Permission(str, Enum):
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.ADMIN: frozenset({Permission.ADMINISTER, Permission.LIST_MODELS, Permission.READ_STATUS}),
+    Role.ADMIN: frozenset(
+        {Permission.ADMINISTER, Permission.LIST_MODELS, Permission.READ_STATUS, Permission.READ_AUDIT}
+    ),
     Role.CLINICAL_APP: frozenset({Permission.INFER, Permission.LIST_MODELS}),
     Role.CLINICIAN: frozenset({Permission.INFER, Permission.LIST_MODELS, Permission.REVIEW}),
     Role.AUDITOR: frozenset({Permission.READ_AUDIT, Permission.LIST_MODELS}),
