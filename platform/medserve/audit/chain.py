@@ -23,42 +23,51 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from medserve.db.models import AuditCheckpoint, AuditRecord
 
 GENESIS = "0" * 64
-RECORD_COLUMNS = [column.name for column in AuditRecord.__table__.columns]
-HASHED_COLUMNS = [name for name in RECORD_COLUMNS if name != "record_hash"]
-CHECKPOINT_COLUMNS = [column.name for column in AuditCheckpoint.__table__.columns]
-_FLOAT_COLUMNS = {"latency_ms"}
+# The columns a record hash covers, in this fixed order (format version 1). Fixed
+# here, not derived from the model: a column added later must not change the
+# hash of records written before it.
+HASHED_COLUMNS = (
+    "api_key_id", "artifact_sha256", "caller_name", "caller_role", "chain_id", "clinician_pseudonym",
+    "completion_tokens", "created_at", "department", "encounter_pseudonym", "error_code", "http_status", "id",
+    "input_sha256", "latency_ms", "model_name", "model_version", "operation", "outcome", "output_sha256",
+    "patient_pseudonym", "prev_hash", "prompt_tokens", "purpose_pseudonym", "seq",
+)
+CHECKPOINT_COLUMNS = ("chain_id", "created_at", "kind", "record_hash", "seq")
+_ID, _CREATED, _LATENCY = (HASHED_COLUMNS.index(name) for name in ("id", "created_at", "latency_ms"))
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
-def _canonical_value(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    if name in _FLOAT_COLUMNS:
-        return float(value)
-    return value
+def _timestamp(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
-def canonical(row: dict[str, Any], columns: list[str]) -> bytes:
-    """Sorted-key compact JSON of the given columns, with types normalised across databases."""
-    content = {name: _canonical_value(name, row.get(name)) for name in columns}
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+def canonical_record(row: dict[str, Any]) -> bytes:
+    """A JSON array of the hashed columns' values, types normalised so both databases give the same bytes."""
+    get = row.get
+    values = [get(name) for name in HASHED_COLUMNS]
+    values[_ID] = str(values[_ID])
+    values[_CREATED] = _timestamp(values[_CREATED])
+    if values[_LATENCY] is not None:
+        values[_LATENCY] = float(values[_LATENCY])
+    return _encode(values).encode()
+
+
+def canonical_checkpoint(row: dict[str, Any]) -> bytes:
+    values = [row[name] for name in CHECKPOINT_COLUMNS]
+    values[1] = _timestamp(values[1])
+    return _encode(values).encode()
 
 
 def record_hash(key: bytes, row: dict[str, Any]) -> str:
-    return hmac.new(key, b"record:" + canonical(row, HASHED_COLUMNS), hashlib.sha256).hexdigest()
+    return hmac.new(key, b"medserve-audit-record-v1:" + canonical_record(row), hashlib.sha256).hexdigest()
 
 
 def checkpoint_signature(key: bytes, row: dict[str, Any]) -> str:
-    columns = [name for name in CHECKPOINT_COLUMNS if name not in ("signature", "id")]
-    return hmac.new(key, b"checkpoint:" + canonical(row, columns), hashlib.sha256).hexdigest()
+    return hmac.new(key, b"medserve-audit-checkpoint-v1:" + canonical_checkpoint(row), hashlib.sha256).hexdigest()
 
 
 def make_checkpoint(key: bytes, chain_id: str, seq: int, last_hash: str, kind: str,

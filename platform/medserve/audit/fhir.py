@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from medserve.audit.chain import _canonical_value
+from medserve.audit.chain import _timestamp
 from medserve.db.models import utcnow
 
 OUTCOME_CODES = {"ok": "0", "denied": "4", "cancelled": "4", "error": "8"}
@@ -30,7 +30,7 @@ def _detail(name: str, value: Any) -> dict[str, Any] | None:
 
 
 def audit_event(record: dict[str, Any]) -> dict[str, Any]:
-    recorded = _canonical_value("created_at", record["created_at"])
+    recorded = _timestamp(record["created_at"])
     agent: dict[str, Any] = {
         "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
                              "code": "humanuser" if record.get("caller_role") == "clinician" else "dataprocessor"}]},
@@ -90,7 +90,7 @@ def audit_event(record: dict[str, Any]) -> dict[str, Any]:
                  "display": "RESTful Operation"},
         "subtype": [{"system": f"{SYSTEM}:operation", "code": record.get("operation") or "unknown"}],
         "action": "E",
-        "recorded": recorded.replace("Z", "+00:00"),
+        "recorded": recorded,
         "outcome": OUTCOME_CODES.get(outcome, "8"),
         "outcomeDesc": f"{outcome}: HTTP {record.get('http_status')}"
         + (f" {record['error_code']}" if record.get("error_code") else ""),
@@ -107,6 +107,6 @@ def bundle(records: list[dict[str, Any]]) -> dict[str, Any]:
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
         "type": "collection",
-        "timestamp": _canonical_value("created_at", utcnow()).replace("Z", "+00:00"),
+        "timestamp": _timestamp(utcnow()),
         "entry": [{"fullUrl": f"urn:uuid:{record['id']}", "resource": audit_event(record)} for record in records],
     }

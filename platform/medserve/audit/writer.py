@@ -30,12 +30,12 @@ import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from datetime import datetime
+from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 
 from medserve.audit.chain import Chain
 from medserve.db.engine import get_engine
@@ -45,6 +45,8 @@ from medserve.errors import AuditUnavailableError
 logger = logging.getLogger("medserve.audit")
 
 _STOP = object()
+# (record, the producer's event loop, its future or None when it does not wait)
+_Item = tuple[dict[str, Any], asyncio.AbstractEventLoop, "asyncio.Future[bool] | None"]
 _REPLAY_CHUNK = 2000
 _ORPHAN_SCAN_S = 10.0
 
@@ -55,6 +57,46 @@ def _error_name(error: BaseException) -> str:
     return type(orig).__name__ if orig is not None else type(error).__name__
 
 
+_COLUMNS = [column.name for column in AuditRecord.__table__.columns]
+_COLUMN_LIST = ", ".join(_COLUMNS)
+_PG_STAGE = "medserve_audit_in"
+
+
+def _bulk_insert_postgresql(connection: Connection, records: list[dict[str, Any]]) -> None:
+    """COPY into a session-local staging table, then one INSERT ... ON CONFLICT (id) DO NOTHING.
+
+    COPY is PostgreSQL's bulk path (several times a multi-row INSERT's rate);
+    the staging table keeps the idempotence that replay needs.
+    """
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (LIKE audit_records) ON COMMIT DELETE ROWS")
+    with cursor.copy(f"COPY {_PG_STAGE} ({_COLUMN_LIST}) FROM STDIN") as copy:
+        for record in records:
+            copy.write_row([record.get(name) for name in _COLUMNS])
+    cursor.execute(
+        f"INSERT INTO audit_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_PG_STAGE} "
+        "ON CONFLICT (id) DO NOTHING"
+    )
+
+
+_SQLITE_INSERT = (
+    f"INSERT INTO audit_records ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+_ID_INDEX, _CREATED_INDEX = _COLUMNS.index("id"), _COLUMNS.index("created_at")
+
+
+def _bulk_insert_sqlite(connection: Connection, records: list[dict[str, Any]]) -> None:
+    """One executemany in the driver, values in the exact form SQLAlchemy stores on SQLite (Uuid as hex,
+    UTC timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff'); the ORM reads them back unchanged."""
+    rows = []
+    for record in records:
+        row = [record.get(name) for name in _COLUMNS]
+        row[_ID_INDEX] = row[_ID_INDEX].hex
+        row[_CREATED_INDEX] = row[_CREATED_INDEX].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+        rows.append(tuple(row))
+    connection.exec_driver_sql(_SQLITE_INSERT, rows)
+
+
 def _on_conflict_do_nothing(engine: Engine, table: Any) -> Any:
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -63,6 +105,25 @@ def _on_conflict_do_nothing(engine: Engine, table: Any) -> Any:
     else:  # pragma: no cover - medserve supports SQLite and PostgreSQL
         raise NotImplementedError(engine.dialect.name)
     return insert(table).on_conflict_do_nothing(index_elements=["id"])
+
+
+def _settle(batch: list[_Item], durable: bool) -> None:
+    """Wake the waiting producers: one thread-safe call per event loop, not one per record."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = defaultdict(list)
+    for _, loop, future in batch:
+        if future is not None:
+            by_loop[loop].append(future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, futures, durable)
+        except RuntimeError:  # the producer's loop is gone: nobody waits any more
+            pass
+
+
+def _resolve(futures: list[asyncio.Future[bool]], durable: bool) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(durable)
 
 
 def _to_json(value: Any) -> Any:
@@ -215,18 +276,16 @@ class AuditWriter:
 
         Raises AuditUnavailableError when a durable record could be neither.
         """
-        future: Future[None] = Future()
-        item = (record, future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] | None = loop.create_future() if durable else None
+        item = (record, loop, future)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             # Back-pressure instead of dropping: the caller waits for room.
             await asyncio.to_thread(self._queue.put, item)
-        if durable:
-            try:
-                await asyncio.wrap_future(future)
-            except Exception:  # noqa: BLE001 - the cause is logged by the writer thread
-                raise AuditUnavailableError() from None
+        if future is not None and not await future:
+            raise AuditUnavailableError()
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued (to the database or the spool), checkpoint, then stop the thread."""
@@ -261,7 +320,7 @@ class AuditWriter:
             )
         return get_engine(self._database_url)
 
-    def _take_batch(self, timeout: float | None) -> tuple[list[tuple[dict[str, Any], Future[None]]], bool]:
+    def _take_batch(self, timeout: float | None) -> tuple[list[_Item], bool]:
         try:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -283,7 +342,7 @@ class AuditWriter:
 
     def _run(self) -> None:
         self._engine = self._make_engine()
-        self._records = _on_conflict_do_nothing(self._engine, AuditRecord.__table__)
+        self._bulk = _bulk_insert_postgresql if self._engine.dialect.name == "postgresql" else _bulk_insert_sqlite
         self._checkpoints = _on_conflict_do_nothing(self._engine, AuditCheckpoint.__table__)
         self._scan_orphans()
         if self._orphans:
@@ -302,10 +361,10 @@ class AuditWriter:
                     self._own_spool.remove()
                 return
 
-    def _persist_batch(self, batch: list[tuple[dict[str, Any], Future[None]]], stop: bool) -> None:
+    def _persist_batch(self, batch: list[_Item], stop: bool) -> None:
         chain = self._chain
         saved = (chain.seq, chain.last_hash, chain.since_checkpoint)
-        records = [chain.link(record) for record, _ in batch]
+        records = [chain.link(item[0]) for item in batch]
         checkpoints = list(self._pending_checkpoints)
         if chain.since_checkpoint >= self._checkpoint_every or (stop and records) or (stop and chain.seq):
             checkpoints.append(chain.checkpoint("close" if stop else "periodic", utcnow()))
@@ -318,12 +377,10 @@ class AuditWriter:
                 "audit records could not be made durable (%s): %d request(s) refused",
                 _error_name(error), len(batch),
             )
-            for _, future in batch:
-                future.set_exception(error)
+            _settle(batch, False)
             return
         self._pending_checkpoints = []
-        for _, future in batch:
-            future.set_result(None)
+        _settle(batch, True)
 
     def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
         if self.spool_records == 0:
@@ -349,7 +406,7 @@ class AuditWriter:
     def _insert(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
         with self._engine.begin() as connection:
             if records:
-                connection.execute(self._records, records)
+                self._bulk(connection, records)
             if checkpoints:
                 connection.execute(self._checkpoints, checkpoints)
         self._records_committed += len(records)
@@ -390,7 +447,7 @@ class AuditWriter:
                         records = [row for kind, row in chunk if kind == "r"]
                         checkpoints = [row for kind, row in chunk if kind == "c"]
                         if records:
-                            connection.execute(self._records, records)
+                            self._bulk(connection, records)
                         if checkpoints:
                             connection.execute(self._checkpoints, checkpoints)
             except Exception as error:  # noqa: BLE001
