@@ -25,6 +25,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import operator
 import os
 import queue
 import threading
@@ -59,6 +60,14 @@ def _error_name(error: BaseException) -> str:
 
 _COLUMNS = [column.name for column in AuditRecord.__table__.columns]
 _COLUMN_LIST = ", ".join(_COLUMNS)
+_column_values = operator.itemgetter(*_COLUMNS)
+
+
+def _row(record: dict[str, Any]) -> list[Any]:
+    try:
+        return list(_column_values(record))
+    except KeyError:  # a partial record: absent columns are NULL
+        return [record.get(name) for name in _COLUMNS]
 _PG_STAGE = "medserve_audit_in"
 
 
@@ -72,7 +81,7 @@ def _bulk_insert_postgresql(connection: Connection, records: list[dict[str, Any]
     cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (LIKE audit_records) ON COMMIT DELETE ROWS")
     with cursor.copy(f"COPY {_PG_STAGE} ({_COLUMN_LIST}) FROM STDIN") as copy:
         for record in records:
-            copy.write_row([record.get(name) for name in _COLUMNS])
+            copy.write_row(_column_values(record) if len(record) == len(_COLUMNS) else _row(record))
     cursor.execute(
         f"INSERT INTO audit_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_PG_STAGE} "
         "ON CONFLICT (id) DO NOTHING"
@@ -90,7 +99,7 @@ def _bulk_insert_sqlite(connection: Connection, records: list[dict[str, Any]]) -
     UTC timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff'); the ORM reads them back unchanged."""
     rows = []
     for record in records:
-        row = [record.get(name) for name in _COLUMNS]
+        row = _row(record)
         row[_ID_INDEX] = row[_ID_INDEX].hex
         row[_CREATED_INDEX] = row[_CREATED_INDEX].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
         rows.append(tuple(row))
