@@ -165,3 +165,11 @@ def test_search_filters(trail):
     assert len(first) == len(second) == 3
     assert {r["id"] for r in first}.isdisjoint({r["id"] for r in second})
     assert max(r["created_at"] for r in first) <= min(r["created_at"] for r in second)
+
+
+def test_every_audit_column_is_covered_by_the_record_hash():
+    from medserve.audit.chain import HASHED_COLUMNS
+    from medserve.db.models import AuditRecord
+
+    # A new column must be added to the hash (as a new format version), or it could be changed unseen.
+    assert set(HASHED_COLUMNS) == {c.name for c in AuditRecord.__table__.columns} - {"record_hash"}
