@@ -171,3 +171,21 @@ def test_when_neither_database_nor_spool_works_the_request_is_refused_and_the_ch
         writer.close()
     assert _count(url) == 5
     assert verify(url, KEY).ok  # the refused record left no gap in the chain
+
+
+@pytest.mark.parametrize("unmigrated_url", ["sqlite"], indirect=True)
+def test_a_writer_that_never_reached_the_database_hands_its_spool_on(unmigrated_url, tmp_path):
+    spool = tmp_path / "spool"
+    first = AuditWriter(unmigrated_url, signing_key=KEY, spool_dir=spool, retry_s=0.1)
+    records = [_record() for _ in range(3)]
+    asyncio.run(_burst(first, records))
+    first.close()  # the database is still down: the spool stays, unlocked, for the next writer
+    assert list(spool.glob("*.jsonl"))
+    upgrade(unmigrated_url)
+    second = AuditWriter(unmigrated_url, signing_key=KEY, spool_dir=spool, retry_s=0.1)
+    second.close()
+    assert _ids(unmigrated_url) == {r["id"] for r in records}
+    result = verify(unmigrated_url, KEY)
+    assert result.ok, result.problems
+    assert result.chains == 2  # the second writer's chain opened and closed empty
+    assert not list(spool.glob("*.jsonl"))

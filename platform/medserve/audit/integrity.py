@@ -10,11 +10,13 @@ whose hash could not have been made without the key).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from itertools import groupby
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, func, not_, select
 
 from medserve.audit.chain import GENESIS, checkpoint_signature, make_checkpoint, record_hash
 from medserve.db.engine import session_scope
@@ -52,47 +54,55 @@ def _rows(session: Any, model: type) -> list[dict[str, Any]]:
 
 
 def verify(database_url: str, key: bytes) -> VerifyResult:
+    """Walk every chain, streaming records in (chain, seq) order: memory stays flat however large the trail."""
+    result = VerifyResult()
+    table = AuditRecord.__table__
+    chained = and_(AuditRecord.chain_id.is_not(None), AuditRecord.seq.is_not(None),
+                   AuditRecord.record_hash.is_not(None))
     with session_scope(database_url) as session:
-        records = _rows(session, AuditRecord)
         checkpoints = _rows(session, AuditCheckpoint)
-    result = VerifyResult(records=len(records), checkpoints=len(checkpoints))
+        result.checkpoints = len(checkpoints)
+        result.records = session.scalar(select(func.count()).select_from(table)) or 0
+        for row in session.execute(select(table.c.id).where(not_(chained))):
+            result.problems.append(Problem(str(row.id), None, None, "inserted", "the record is in no hash chain"))
 
-    by_chain: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in records:
-        if row["chain_id"] is None or row["seq"] is None or row["record_hash"] is None:
-            result.problems.append(Problem(str(row["id"]), None, None, "inserted", "the record is in no hash chain"))
-        else:
-            by_chain[row["chain_id"]].append(row)
+        signed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for cp in checkpoints:
+            if checkpoint_signature(key, cp) != cp["signature"]:
+                result.problems.append(Problem(None, cp["chain_id"], cp["seq"], "checkpoint",
+                                               f"checkpoint {cp['id']} has an invalid signature"))
+            else:
+                signed[cp["chain_id"]].append(cp)
 
-    signed: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for cp in checkpoints:
-        if checkpoint_signature(key, cp) != cp["signature"]:
-            result.problems.append(
-                Problem(None, cp["chain_id"], cp["seq"], "checkpoint", f"checkpoint {cp['id']} has an invalid signature")
-            )
-        else:
-            signed[cp["chain_id"]].append(cp)
-
-    result.chains = len(set(by_chain) | set(signed))
-    for chain_id in sorted(set(by_chain) | set(signed)):
-        problem = _verify_chain(key, chain_id, sorted(by_chain.get(chain_id, []), key=lambda r: r["seq"]),
-                                signed.get(chain_id, []))
-        if problem is not None:
-            result.problems.append(problem)
+        stream = session.execute(
+            select(table).where(chained).order_by(AuditRecord.chain_id, AuditRecord.seq),
+            execution_options={"yield_per": 5000},
+        )
+        seen: set[str] = set()
+        for chain_id, group in groupby((dict(row._mapping) for row in stream), key=lambda r: r["chain_id"]):
+            seen.add(chain_id)
+            problem = _verify_chain(key, chain_id, group, signed.get(chain_id, []))
+            if problem is not None:
+                result.problems.append(problem)
+        for chain_id in sorted(set(signed) - seen):
+            problem = _verify_chain(key, chain_id, iter(()), signed[chain_id])
+            if problem is not None:
+                result.problems.append(problem)
+        result.chains = len(seen | set(signed))
     return result
 
 
 def _verify_chain(
-    key: bytes, chain_id: str, rows: list[dict[str, Any]], checkpoints: list[dict[str, Any]]
+    key: bytes, chain_id: str, rows: Iterator[dict[str, Any]], checkpoints: list[dict[str, Any]]
 ) -> Problem | None:
-    """The first problem in one chain, or None."""
+    """The first problem in one chain (rows in seq order), or None."""
     if not checkpoints:
-        first = rows[0]
+        first = next(rows)
         return Problem(str(first["id"]), chain_id, first["seq"], "inserted",
                        "the chain has no signed checkpoint: its records were not written by medserve")
     anchors = [cp for cp in checkpoints if cp["kind"] in ("open", "anchor")]
     if not anchors:
-        first = rows[0] if rows else None
+        first = next(rows, None)
         return Problem(str(first["id"]) if first else None, chain_id, first["seq"] if first else None, "removed",
                        "the chain's start is missing: no signed open or prune anchor")
     start = max(anchors, key=lambda cp: cp["seq"])
@@ -100,10 +110,9 @@ def _verify_chain(
     by_seq = {cp["seq"]: cp for cp in checkpoints}
     previous: dict[str, Any] | None = None
     for row in rows:
-        if row["seq"] < expected_seq:
-            if row["seq"] <= start["seq"]:
-                return Problem(str(row["id"]), chain_id, row["seq"], "inserted",
-                               f"the record lies before the chain's signed start (seq {start['seq']})")
+        if row["seq"] <= start["seq"]:
+            return Problem(str(row["id"]), chain_id, row["seq"], "inserted",
+                           f"the record lies before the chain's signed start (seq {start['seq']})")
         if record_hash(key, row) != row["record_hash"]:
             return Problem(str(row["id"]), chain_id, row["seq"], "changed",
                            "its content no longer matches its hash (changed, or inserted without the key)")

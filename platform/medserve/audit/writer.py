@@ -155,7 +155,8 @@ class SpoolFile:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.pending = 0
+        self.pending = 0  # records waiting in the file
+        self.entries = 0  # records and checkpoints waiting in the file
 
     @classmethod
     def create(cls, path: Path) -> "SpoolFile":
@@ -177,7 +178,9 @@ class SpoolFile:
             os.close(fd)
             return None
         spool = cls(path, fd)
-        spool.pending = sum(1 for entry in spool.read() if entry[0] == "r")
+        entries = spool.read()
+        spool.entries = len(entries)
+        spool.pending = sum(1 for kind, _ in entries if kind == "r")
         return spool
 
     def append(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
@@ -189,6 +192,7 @@ class SpoolFile:
             written += os.write(self.fd, data[written:])
         os.fsync(self.fd)
         self.pending += len(records)
+        self.entries += len(records) + len(checkpoints)
 
     def read(self) -> list[tuple[str, dict[str, Any]]]:
         entries: list[tuple[str, dict[str, Any]]] = []
@@ -207,12 +211,15 @@ class SpoolFile:
     def clear(self) -> None:
         os.ftruncate(self.fd, 0)
         os.fsync(self.fd)
-        self.pending = 0
+        self.pending = self.entries = 0
+
+    def release(self) -> None:
+        os.close(self.fd)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
-        self.pending = 0
+        self.pending = self.entries = 0
 
 
 class AuditWriter:
@@ -263,6 +270,9 @@ class AuditWriter:
         """Records durable only in spool files (this writer's and adopted ones), not yet in the database."""
         return (self._own_spool.pending if self._own_spool else 0) + sum(s.pending for s in self._orphans)
 
+    def _spooled_entries(self) -> int:
+        return (self._own_spool.entries if self._own_spool else 0) + sum(s.entries for s in self._orphans)
+
     @property
     def write_failures(self) -> int:
         """Database writes (batches or replays) that failed since start; each one is logged."""
@@ -306,7 +316,7 @@ class AuditWriter:
         """Wait until nothing is queued or spooled (tests, shutdown hooks); True when reached."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.queue_depth == 0 and self.spool_records == 0:
+            if self.queue_depth == 0 and self._spooled_entries() == 0:
                 return True
             time.sleep(0.05)
         return False
@@ -357,18 +367,30 @@ class AuditWriter:
         if self._orphans:
             self._replay()
         while True:
-            spooling = self.spool_records > 0
-            batch, stop = self._take_batch(self._retry_s if spooling else None)
-            if spooling and time.monotonic() - self._last_attempt >= self._retry_s:
+            spooling = self._spooled_entries() > 0
+            batch, stop = self._take_batch(self._retry_s if spooling else _ORPHAN_SCAN_S)
+            now = time.monotonic()
+            if self._spool_dir is not None and now - self._last_orphan_scan >= _ORPHAN_SCAN_S:
+                self._scan_orphans()  # a sibling replica on this directory may have been killed
+            if spooling and now - self._last_attempt >= self._retry_s:
                 self._replay()
             if batch or stop or self._pending_checkpoints:
                 self._persist_batch(batch, stop)
             if stop:
-                if self.spool_records:
-                    self._replay()
-                if self._own_spool is not None and self._own_spool.pending == 0:
-                    self._own_spool.remove()
+                self._shutdown()
                 return
+
+    def _shutdown(self) -> None:
+        if self._spooled_entries():
+            self._replay()
+        for spool in [*self._orphans, *([self._own_spool] if self._own_spool else [])]:
+            if spool.entries == 0 and spool is self._own_spool:
+                spool.remove()
+            elif spool.entries:
+                # Unlock it so the next writer on this directory adopts and replays it.
+                logger.error("audit database still unavailable at shutdown: %d records stay in spool %s",
+                             spool.pending, spool.path)
+                spool.release()
 
     def _persist_batch(self, batch: list[_Item], stop: bool) -> None:
         chain = self._chain
@@ -392,7 +414,7 @@ class AuditWriter:
         _settle(batch, True)
 
     def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
-        if self.spool_records == 0:
+        if self._spooled_entries() == 0:
             try:
                 self._insert(records, checkpoints)
                 return
@@ -435,7 +457,7 @@ class AuditWriter:
             spool = SpoolFile.adopt(path)
             if spool is None:
                 continue
-            if spool.pending == 0 and not spool.read():
+            if spool.entries == 0:
                 spool.remove()
                 continue
             logger.warning("adopting audit spool %s of a writer that stopped (%d records)", path.name, spool.pending)
@@ -446,7 +468,7 @@ class AuditWriter:
         self._last_attempt = time.monotonic()
         if self._spool_dir is not None and time.monotonic() - self._last_orphan_scan >= _ORPHAN_SCAN_S:
             self._scan_orphans()
-        spools = list(self._orphans) + ([self._own_spool] if self._own_spool and self._own_spool.pending else [])
+        spools = list(self._orphans) + ([self._own_spool] if self._own_spool and self._own_spool.entries else [])
         for spool in spools:
             entries = spool.read()
             try:
