@@ -173,3 +173,18 @@ def test_every_audit_column_is_covered_by_the_record_hash():
 
     # A new column must be added to the hash (as a new format version), or it could be changed unseen.
     assert set(HASHED_COLUMNS) == {c.name for c in AuditRecord.__table__.columns} - {"record_hash"}
+
+
+def test_one_set_of_migrations_matches_the_models_on_both_databases(audit_db_url):
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from medserve.db.engine import alembic_config
+    from medserve.db.models import Base
+
+    with get_engine(audit_db_url).connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    config = alembic_config(audit_db_url)
+    command.downgrade(config, "0908d26b820f")
+    command.upgrade(config, "head")
