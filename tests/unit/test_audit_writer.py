@@ -138,6 +138,7 @@ os.kill(os.getpid(), 9)  # no close(), no drain: as if the replica were killed
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unmigrated_url", ["sqlite", "postgresql"], indirect=True)
 def test_spool_of_a_killed_writer_is_adopted_by_the_next(unmigrated_url, tmp_path, repo_root):
     spool = tmp_path / "spool"
@@ -171,6 +172,13 @@ def test_when_neither_database_nor_spool_works_the_request_is_refused_and_the_ch
         writer.close()
     assert _count(url) == 5
     assert verify(url, KEY).ok  # the refused record left no gap in the chain
+
+
+def test_a_closed_writer_refuses_instead_of_hanging(database_url):
+    writer = AuditWriter(database_url, signing_key=KEY)
+    writer.close()
+    with pytest.raises(AuditUnavailableError):
+        asyncio.run(writer.write(_record(), durable=True))
 
 
 @pytest.mark.parametrize("unmigrated_url", ["sqlite"], indirect=True)

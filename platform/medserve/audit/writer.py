@@ -251,6 +251,7 @@ class AuditWriter:
         self._write_failures = 0
         self._records_committed = 0
         self._records_spooled = 0
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="medserve-audit-writer", daemon=True)
         self._thread.start()
 
@@ -295,6 +296,8 @@ class AuditWriter:
 
         Raises AuditUnavailableError when a durable record could be neither.
         """
+        if self._closed:
+            raise AuditUnavailableError("the audit writer is shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] | None = loop.create_future() if durable else None
         item = (record, loop, future)
@@ -308,6 +311,7 @@ class AuditWriter:
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued (to the database or the spool), checkpoint, then stop the thread."""
+        self._closed = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
