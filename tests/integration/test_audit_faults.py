@@ -114,6 +114,8 @@ def test_postgres_stopped_for_10s_under_load_loses_nothing(pg, db, tmp_path, cap
         load = asyncio.run(scenario())
         assert wait_until(lambda: state.writer.spool_records == 0, timeout=60)
         assert state.writer.write_failures >= 1 and state.writer.records_spooled > 0
+        print(f"answered {len(load.statuses)} ({load.ok_while}); spooled {state.writer.records_spooled}, "
+              f"failed database writes {state.writer.write_failures}")
     finally:
         set_gateway(None)
         state.close()
