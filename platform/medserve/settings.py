@@ -61,6 +61,28 @@ class Settings(BaseSettings):
     audit_queue_max: int = Field(
         default=20_000, ge=1, description="Bound on audit records waiting for the writer; beyond it requests wait."
     )
+    audit_signing_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of the audit hash chain and its signed checkpoints. Unset: generated once into "
+        "$MEDSERVE_HOME/audit-signing.key. `medserve audit verify` needs the same key.",
+    )
+    audit_checkpoint_every: int = Field(
+        default=1000, ge=1, description="A signed audit checkpoint at least every this many records of a chain."
+    )
+    audit_spool_dir: Path | None = Field(
+        default=None,
+        description="Local durable spool for audit records the database cannot take right now "
+        "(unset: $MEDSERVE_HOME/audit-spool). Put it on persistent storage.",
+    )
+    audit_retry_s: float = Field(
+        default=1.0, gt=0, description="How often a writer that is spooling tries the database again."
+    )
+    audit_db_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest one audit database write (or connection attempt) may take before the "
+        "records go to the spool instead.",
+    )
     api_key_cache_seconds: float = Field(
         default=5.0,
         ge=0,
@@ -173,6 +195,16 @@ class Settings(BaseSettings):
         if self.pseudonym_key is not None:
             return self.pseudonym_key.get_secret_value().encode()
         return _read_or_create_secret(self.resolved_home / "pseudonym.key").encode()
+
+    def audit_signing_key_bytes(self) -> bytes:
+        """The audit chain/checkpoint HMAC key, generating and persisting one on first use when unset."""
+        if self.audit_signing_key is not None:
+            return self.audit_signing_key.get_secret_value().encode()
+        return _read_or_create_secret(self.resolved_home / "audit-signing.key").encode()
+
+    @property
+    def resolved_audit_spool_dir(self) -> Path:
+        return (self.audit_spool_dir or self.resolved_home / "audit-spool").expanduser().resolve()
 
 
 def _read_or_create_secret(path: Path) -> str:

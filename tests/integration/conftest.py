@@ -115,6 +115,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Itera
     settings = Settings()
     upgrade(settings.resolved_database_url)
     settings.pseudonym_key_bytes()
+    settings.audit_signing_key_bytes()
     connection = start_local_ray(settings)
     try:
         target = RayClusterTarget(connection.dashboard_url, connection.auth_token)

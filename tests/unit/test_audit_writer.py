@@ -1,15 +1,23 @@
-"""The batched audit writer: durable when asked, refuses to pretend when it cannot write."""
+"""The batched audit writer: durable when asked, spools when the database cannot take records, never pretends."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from medserve.audit.integrity import verify
 from medserve.audit.writer import AuditWriter
-from medserve.db.engine import session_scope
+from medserve.db.engine import session_scope, upgrade
 from medserve.db.models import AuditRecord, utcnow
 from medserve.errors import AuditUnavailableError
+from tests.postgres import wait_until
+
+KEY = b"test-signing-key"
 
 
 def _record(**overrides):
@@ -30,30 +38,45 @@ def _count(url: str) -> int:
         return session.scalar(select(func.count()).select_from(AuditRecord))
 
 
-def test_durable_write_is_committed_before_returning(database_url):
-    writer = AuditWriter(database_url)
+def _ids(url: str) -> set[uuid.UUID]:
+    with session_scope(url) as session:
+        return set(session.scalars(select(AuditRecord.id)))
+
+
+async def _burst(writer: AuditWriter, records: list[dict], durable: bool = True) -> None:
+    await asyncio.gather(*(writer.write(record, durable=durable) for record in records))
+
+
+@pytest.fixture
+def unmigrated_url(request, tmp_path, postgres_server):  # type: ignore[no-untyped-def]
+    """A database that exists but has no schema yet: every insert fails until upgrade()."""
+    return f"sqlite:///{tmp_path / 'later.db'}" if request.param == "sqlite" else postgres_server.create_database()
+
+
+def test_durable_write_is_committed_before_returning(audit_db_url):
+    writer = AuditWriter(audit_db_url, signing_key=KEY)
     try:
         asyncio.run(writer.write(_record(), durable=True))
-        assert _count(database_url) == 1
+        assert _count(audit_db_url) == 1
     finally:
         writer.close()
 
 
-def test_many_concurrent_writes_all_land_in_batches(database_url):
-    writer = AuditWriter(database_url, batch_max=50)
-
-    async def burst() -> None:
-        await asyncio.gather(*(writer.write(_record(), durable=True) for _ in range(300)))
-
+def test_many_concurrent_writes_all_land_in_batches_and_chain(audit_db_url):
+    writer = AuditWriter(audit_db_url, signing_key=KEY, batch_max=50, checkpoint_every=40)
     try:
-        asyncio.run(burst())
+        asyncio.run(_burst(writer, [_record() for _ in range(300)]))
     finally:
         writer.close()
-    assert _count(database_url) == 300
+    assert _count(audit_db_url) == 300
+    result = verify(audit_db_url, KEY)
+    assert result.ok, result.problems
+    # open + at least one periodic + close
+    assert result.checkpoints >= 3
 
 
-def test_close_drains_non_durable_records(database_url):
-    writer = AuditWriter(database_url)
+def test_close_drains_non_durable_records(audit_db_url):
+    writer = AuditWriter(audit_db_url, signing_key=KEY)
 
     async def fire_and_forget() -> None:
         for _ in range(25):
@@ -61,14 +84,116 @@ def test_close_drains_non_durable_records(database_url):
 
     asyncio.run(fire_and_forget())
     writer.close()
-    assert _count(database_url) == 25
+    assert _count(audit_db_url) == 25
+    assert verify(audit_db_url, KEY).ok
 
 
-def test_failed_durable_write_raises_audit_unavailable(tmp_path):
-    # A database with no schema: every insert fails.
-    writer = AuditWriter(f"sqlite:///{tmp_path / 'empty.db'}")
+def test_without_spool_a_failed_durable_write_raises_audit_unavailable(tmp_path):
+    # A database with no schema: every insert fails, and there is nowhere else to keep the record.
+    writer = AuditWriter(f"sqlite:///{tmp_path / 'empty.db'}", signing_key=KEY)
     try:
         with pytest.raises(AuditUnavailableError):
             asyncio.run(writer.write(_record(), durable=True))
+        assert writer.write_failures >= 1
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("unmigrated_url", ["sqlite", "postgresql"], indirect=True)
+def test_spooled_records_replay_in_order_exactly_once(unmigrated_url, tmp_path):
+    spool = tmp_path / "spool"
+    writer = AuditWriter(unmigrated_url, signing_key=KEY, spool_dir=spool, retry_s=0.1, batch_max=20)
+    try:
+        first = [_record() for _ in range(120)]
+        asyncio.run(_burst(writer, first))  # durable: answered from the fsync'd spool
+        assert writer.spool_records == 120
+        assert writer.write_failures >= 1
+        assert list(spool.glob("*.jsonl"))
+        upgrade(unmigrated_url)  # the database comes back
+        assert wait_until(lambda: writer.spool_records == 0)
+        second = [_record() for _ in range(30)]
+        asyncio.run(_burst(writer, second))
+    finally:
+        writer.close()
+    assert _ids(unmigrated_url) == {r["id"] for r in first + second}
+    assert _count(unmigrated_url) == 150
+    result = verify(unmigrated_url, KEY)
+    assert result.ok, result.problems
+    assert not list(spool.glob("*.jsonl"))  # a clean close leaves no spool behind
+
+
+_KILLED_WRITER = """
+import asyncio, os, sys, uuid
+from pathlib import Path
+from medserve.audit.writer import AuditWriter
+from medserve.db.models import utcnow
+writer = AuditWriter(sys.argv[1], signing_key=b"test-signing-key", spool_dir=Path(sys.argv[2]), batch_max=10)
+records = [{"id": uuid.uuid4(), "created_at": utcnow(), "operation": "x", "outcome": "ok",
+            "http_status": 200, "latency_ms": 1.0} for _ in range(int(sys.argv[3]))]
+async def main():
+    await asyncio.gather(*(writer.write(r, durable=True) for r in records))
+asyncio.run(main())
+print("\\n".join(str(r["id"]) for r in records), flush=True)
+os.kill(os.getpid(), 9)  # no close(), no drain: as if the replica were killed
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unmigrated_url", ["sqlite", "postgresql"], indirect=True)
+def test_spool_of_a_killed_writer_is_adopted_by_the_next(unmigrated_url, tmp_path, repo_root):
+    spool = tmp_path / "spool"
+    env = {**os.environ, "PYTHONPATH": f"{repo_root / 'platform'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, unmigrated_url, str(spool), "80"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    acknowledged = {uuid.UUID(line) for line in done.stdout.split()}
+    assert len(acknowledged) == 80
+    upgrade(unmigrated_url)
+    writer = AuditWriter(unmigrated_url, signing_key=KEY, spool_dir=spool, retry_s=0.1)
+    try:
+        assert wait_until(lambda: writer.spool_records == 0 and _count(unmigrated_url) == 80)
+    finally:
+        writer.close()
+    assert _ids(unmigrated_url) == acknowledged
+    assert verify(unmigrated_url, KEY).ok
+
+
+def test_when_neither_database_nor_spool_works_the_request_is_refused_and_the_chain_stays_whole(tmp_path):
+    url = f"sqlite:///{tmp_path / 'later.db'}"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    writer = AuditWriter(url, signing_key=KEY, spool_dir=not_a_dir / "spool", retry_s=0.1)
+    try:
+        with pytest.raises(AuditUnavailableError):
+            asyncio.run(writer.write(_record(), durable=True))
+        upgrade(url)
+        asyncio.run(_burst(writer, [_record() for _ in range(5)]))
+    finally:
+        writer.close()
+    assert _count(url) == 5
+    assert verify(url, KEY).ok  # the refused record left no gap in the chain
+
+
+def test_a_closed_writer_refuses_instead_of_hanging(database_url):
+    writer = AuditWriter(database_url, signing_key=KEY)
+    writer.close()
+    with pytest.raises(AuditUnavailableError):
+        asyncio.run(writer.write(_record(), durable=True))
+
+
+@pytest.mark.parametrize("unmigrated_url", ["sqlite"], indirect=True)
+def test_a_writer_that_never_reached_the_database_hands_its_spool_on(unmigrated_url, tmp_path):
+    spool = tmp_path / "spool"
+    first = AuditWriter(unmigrated_url, signing_key=KEY, spool_dir=spool, retry_s=0.1)
+    records = [_record() for _ in range(3)]
+    asyncio.run(_burst(first, records))
+    first.close()  # the database is still down: the spool stays, unlocked, for the next writer
+    assert list(spool.glob("*.jsonl"))
+    upgrade(unmigrated_url)
+    second = AuditWriter(unmigrated_url, signing_key=KEY, spool_dir=spool, retry_s=0.1)
+    second.close()
+    assert _ids(unmigrated_url) == {r["id"] for r in records}
+    result = verify(unmigrated_url, KEY)
+    assert result.ok, result.problems
+    assert result.chains == 2  # the second writer's chain opened and closed empty
+    assert not list(spool.glob("*.jsonl"))

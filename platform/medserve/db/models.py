@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator, Uuid
 
@@ -135,9 +135,15 @@ class AuditRecord(Base):
 
     Holds digests, never payloads. Clinical context is stored only as keyed
     HMAC pseudonyms, so the table alone cannot re-identify a patient.
+
+    Tamper evidence: each writer keeps one hash chain (``chain_id``); record
+    ``seq`` of a chain carries ``prev_hash`` (the record_hash of seq - 1) and
+    ``record_hash``, a keyed HMAC-SHA256 over its canonical content including
+    prev_hash (see :mod:`medserve.audit.chain`).
     """
 
     __tablename__ = "audit_records"
+    __table_args__ = (UniqueConstraint("chain_id", "seq"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     created_at: Mapped[datetime] = mapped_column(index=True)
@@ -162,6 +168,32 @@ class AuditRecord(Base):
     encounter_pseudonym: Mapped[str | None] = mapped_column(String(64))
     clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))
     purpose_pseudonym: Mapped[str | None] = mapped_column(String(64))
+    # Nullable only so rows written before the chain existed survive the
+    # migration; `medserve audit verify` reports any row outside a chain.
+    chain_id: Mapped[str | None] = mapped_column(String(36))
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    record_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement: chain ``chain_id`` reached ``seq`` with ``record_hash``.
+
+    kind: ``open`` (a chain starts; seq 0), ``periodic``, ``close`` (a writer
+    drained), ``anchor`` (older records were pruned: the chain now starts after
+    seq). The signature is an HMAC-SHA256 under the audit signing key, so a
+    checkpoint cannot be forged or moved without the key.
+    """
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    chain_id: Mapped[str] = mapped_column(String(36), index=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    record_hash: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    signature: Mapped[str] = mapped_column(String(64))
 
 
 class Review(Base):

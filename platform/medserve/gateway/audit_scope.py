@@ -93,6 +93,10 @@ class AuditRecorder:
         self._pseudonym_key = pseudonym_key
         self._durable = durable
 
+    @property
+    def pseudonym_key(self) -> bytes:
+        return self._pseudonym_key
+
     @asynccontextmanager
     async def scope(
         self, operation: str, model_name: str | None, headers: Mapping[str, str]

@@ -90,7 +90,14 @@ class GatewayState:
         )
         self._gates: dict[str, PriorityGate] = {}
         self.writer = AuditWriter(
-            self.database_url, batch_max=self.settings.audit_batch_max, queue_max=self.settings.audit_queue_max
+            self.database_url,
+            signing_key=self.settings.audit_signing_key_bytes(),
+            batch_max=self.settings.audit_batch_max,
+            queue_max=self.settings.audit_queue_max,
+            spool_dir=self.settings.resolved_audit_spool_dir,
+            checkpoint_every=self.settings.audit_checkpoint_every,
+            retry_s=self.settings.audit_retry_s,
+            db_timeout_s=self.settings.audit_db_timeout_s,
         )
         self.recorder = AuditRecorder(
             self.writer, self.settings.pseudonym_key_bytes(), durable=self.settings.audit_durability == "strict"

@@ -31,7 +31,9 @@ class Permission(str, Enum):
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.ADMIN: frozenset({Permission.ADMINISTER, Permission.LIST_MODELS, Permission.READ_STATUS}),
+    Role.ADMIN: frozenset(
+        {Permission.ADMINISTER, Permission.LIST_MODELS, Permission.READ_STATUS, Permission.READ_AUDIT}
+    ),
     Role.CLINICAL_APP: frozenset({Permission.INFER, Permission.LIST_MODELS}),
     Role.CLINICIAN: frozenset({Permission.INFER, Permission.LIST_MODELS, Permission.REVIEW, Permission.READ_REVIEWS}),
     Role.AUDITOR: frozenset({Permission.READ_AUDIT, Permission.LIST_MODELS, Permission.READ_REVIEWS}),
@@ -66,6 +68,7 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     ("POST", "/v1/reviews/{inference_id}"): Permission.REVIEW,
     ("GET", "/v1/reviews/pending"): Permission.READ_REVIEWS,
     ("GET", "/v1/reviews/summary"): Permission.READ_REVIEWS,
+    ("GET", "/admin/audit"): Permission.READ_AUDIT,
 }
 
 

@@ -1,7 +1,7 @@
 """reviews: clinician sign-off of AI results
 
 Revision ID: 3c1f7a9e5b20
-Revises: 0908d26b820f
+Revises: 5c1d2e3f4a5b
 Create Date: 2026-11-23 12:00:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '3c1f7a9e5b20'
-down_revision = '0908d26b820f'
+down_revision = '5c1d2e3f4a5b'
 branch_labels = None
 depends_on = None
 

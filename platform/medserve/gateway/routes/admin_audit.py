@@ -1,0 +1,70 @@
+"""GET /admin/audit: the audit trail for auditors and admins, filtered and paginated.
+
+A patient is searched by clear id (query parameter ``patient``); the gateway
+turns it into the keyed pseudonym the table holds, so the clear id is never
+stored nor compared in the database. A department-bound key sees only its
+department's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from medserve.audit.queries import AuditFilter, search_records
+from medserve.errors import RequestValidationFailed
+from medserve.gateway.auth import require
+from medserve.gateway.state import GatewayState, get_gateway
+from medserve.security.pseudonyms import pseudonymize
+from medserve.security.roles import Permission
+
+router = APIRouter(tags=["audit"])
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+@router.get("/admin/audit")
+async def list_audit(
+    request: Request,
+    model: str | None = Query(None, max_length=100, description="Model name."),
+    version: str | None = Query(None, max_length=64, description="Model version."),
+    outcome: Literal["ok", "denied", "error", "cancelled"] | None = Query(None, description="Outcome."),
+    since: datetime | None = Query(None, description="Records at or after this time (ISO 8601 with zone)."),
+    until: datetime | None = Query(None, description="Records before this time (ISO 8601 with zone)."),
+    patient: str | None = Query(None, max_length=200, description="Clear patient id; pseudonymised server-side."),
+    limit: int = Query(100, ge=1, le=1000, description="Page size."),
+    offset: int = Query(0, ge=0, description="Rows to skip (newest first)."),
+    gateway: GatewayState = Depends(get_gateway),
+) -> dict[str, Any]:
+    principal = await gateway.principal(request)
+    require(principal, Permission.READ_AUDIT)
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise RequestValidationFailed("times need a zone, e.g. 2026-01-01T00:00:00Z", fields=[name])
+    where = AuditFilter(
+        model=model,
+        version=version,
+        outcome=outcome,
+        since=since,
+        until=until,
+        patient_pseudonym=pseudonymize(gateway.recorder.pseudonym_key, "patient", patient) if patient else None,
+        department=principal.department,
+    )
+    rows = await asyncio.to_thread(search_records, gateway.database_url, where, limit=limit + 1, offset=offset)
+    more = len(rows) > limit
+    return {
+        "data": [{k: _json_value(v) for k, v in row.items()} for row in rows[:limit]],
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + limit if more else None,
+    }
