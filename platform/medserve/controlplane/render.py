@@ -8,11 +8,13 @@ read the database URL and keys from their environment.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.gateway.catalog import CatalogEntry
+from medserve.registry.routing import version_app_name
 from medserve.specs import DeploymentSpec
 
 GATEWAY_APP = "gateway"
@@ -29,6 +31,8 @@ GATEWAY_SETTING_NAMES = (
     "api_key_cache_seconds",
     "max_body_bytes",
     "request_timeout_s",
+    "require_approved_versions",
+    "rollout_cache_seconds",
 )
 
 
@@ -49,7 +53,16 @@ class RenderOptions(BaseModel):
 
 
 def app_name_for(spec: DeploymentSpec) -> str:
-    return f"model-{spec.name}"
+    """The application of the version the spec itself names."""
+    return version_app_name(spec.name, spec.model.version)
+
+
+def served_spec(deployment: DeploymentSpec, version_spec: DeploymentSpec) -> DeploymentSpec:
+    """A registered version's spec deployed under a catalog deployment: the version
+    brings its model, resources and inputs; the deployment its name and access."""
+    return version_spec.model_copy(
+        update={"name": deployment.name, "access": deployment.access, "alias": deployment.alias}
+    )
 
 
 def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
@@ -64,6 +77,7 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         departments=list(spec.access.departments),
         max_output_tokens=spec.inputs.max_output_tokens,
         deployment=spec.name,
+        alias=spec.alias,
     )
 
 
@@ -136,11 +150,28 @@ def render_gateway_app(specs: list[DeploymentSpec], options: RenderOptions) -> d
     return app
 
 
-def render_serve_config(specs: list[DeploymentSpec], options: RenderOptions | None = None) -> dict[str, Any]:
-    """The whole Serve config: one gateway application plus one application per model."""
+def render_serve_config(
+    specs: list[DeploymentSpec],
+    options: RenderOptions | None = None,
+    versions: Mapping[str, Sequence[DeploymentSpec]] | None = None,
+) -> dict[str, Any]:
+    """The whole Serve config: one gateway application plus one application per
+    deployed model version.
+
+    ``versions`` maps a deployment name to the specs of the versions it must
+    run (the alias's version, a rollout candidate, the rollback target); by
+    default a deployment runs the version its spec names. The gateway's args
+    depend on the specs only, never on which versions run, so starting a
+    canary or promoting never redeploys the gateway.
+    """
     options = options or RenderOptions()
+    versions = versions or {}
+    model_apps = []
+    for spec in specs:
+        for version_spec in versions.get(spec.name) or [spec]:
+            model_apps.append(render_model_app(served_spec(spec, version_spec), options))
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": options.http_host, "port": options.http_port},
-        "applications": [render_gateway_app(specs, options)] + [render_model_app(s, options) for s in specs],
+        "applications": [render_gateway_app(specs, options)] + model_apps,
     }

@@ -24,6 +24,11 @@ class CatalogEntry(BaseModel):
     departments: list[str] = Field(default_factory=list, description="Departments allowed; empty: all.")
     max_output_tokens: int = Field(default=512, description="Cap on generated tokens.")
     deployment: str = Field(description="Deployment spec name.")
+    alias: str | None = Field(
+        default=None,
+        description="Registry alias the deployment follows; the registry then decides the version "
+        "(model_version above is the spec's own, a fallback). None: pinned to model_version.",
+    )
 
 
 class Catalog:

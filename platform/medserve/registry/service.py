@@ -42,11 +42,14 @@ def register_version(session: Session, spec: DeploymentSpec, registered_by: str)
             artifact_sha256=model_spec.artifact.sha256,
             model_card=spec.model_card.model_dump(mode="json"),
             registered_by=registered_by,
+            spec=spec.model_dump(mode="json"),
         )
         session.add(version)
         session.flush()
     elif version.artifact_sha256 != model_spec.artifact.sha256 or version.artifact_uri != model_spec.artifact.uri:
         raise VersionConflictError(model=model_spec.name, version=model_spec.version)
+    elif version.spec is None:
+        version.spec = spec.model_dump(mode="json")
     return version
 
 
