@@ -6,7 +6,10 @@ without redeploying anything, so a rollback takes about a second and cannot
 drop a request. Putting the rollout into the gateway's application args
 would instead redeploy the gateway replica on every switch. The control
 plane deploys a version's application before the registry points traffic
-at it, so the gateway never routes to an application that is not running.
+at it; as a second guard (a rollout started through the admin API, whose
+candidate the control plane has not deployed yet, or a candidate whose
+application failed), the gateway sends a candidate traffic only while Serve
+reports its application RUNNING.
 If a refresh fails, the last good table keeps routing (the audit write
 would fail such a request anyway under strict durability).
 """
@@ -14,6 +17,7 @@ would fail such a request anyway under strict durability).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -39,7 +43,15 @@ class RouteTable:
 
     def _load(self) -> dict[str, RouteState]:
         with session_scope(self._database_url) as session:
-            return route_states(session, self._follows)
+            states = route_states(session, self._follows)
+        running = _running_apps()
+        if running is None:
+            return states
+        return {
+            name: state if state.candidate is None or state.candidate.app_name in running
+            else dataclasses.replace(state, mode=None, candidate=None)
+            for name, state in states.items()
+        }
 
     async def states(self) -> dict[str, RouteState]:
         if not self._follows or time.monotonic() - self._loaded_at < self._cache_seconds:
@@ -59,6 +71,17 @@ class RouteTable:
 
     async def state(self, model_name: str) -> RouteState | None:
         return (await self.states()).get(model_name)
+
+
+def _running_apps() -> set[str] | None:
+    """Serve applications that are RUNNING, or None if Serve cannot be asked (then no filtering)."""
+    try:
+        from ray import serve
+
+        return {name for name, app in serve.status().applications.items() if app.status == "RUNNING"}
+    except Exception as error:  # noqa: BLE001
+        logger.warning("could not read Serve application status: %s", type(error).__name__)
+        return None
 
 
 def entry_for(entry: CatalogEntry, version: VersionRef) -> CatalogEntry:
