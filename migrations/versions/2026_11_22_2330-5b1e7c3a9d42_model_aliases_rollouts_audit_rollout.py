@@ -1,4 +1,4 @@
-"""model aliases, rollouts, version specs and rollout columns on audit records
+"""model aliases, rollouts, model events, version specs and rollout columns on audit records
 
 Revision ID: 5b1e7c3a9d42
 Revises: 0908d26b820f
@@ -51,6 +51,20 @@ def upgrade() -> None:
     sa.UniqueConstraint('model_id', name=op.f('uq_rollouts_model_id'))
     )
 
+    op.create_table('model_events',
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('model_id', sa.Uuid(), nullable=False),
+    sa.Column('version', sa.String(length=64), nullable=True),
+    sa.Column('action', sa.String(length=16), nullable=False),
+    sa.Column('actor', sa.String(length=200), nullable=False),
+    sa.Column('details', sa.JSON(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_model_events_model_id_models')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_model_events'))
+    )
+    with op.batch_alter_table('model_events', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_model_events_model_id'), ['model_id'], unique=False)
+
     with op.batch_alter_table('audit_records', schema=None) as batch_op:
         batch_op.add_column(sa.Column('rollout', sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column('shadow', sa.Boolean(), server_default=sa.false(), nullable=False))
@@ -66,6 +80,9 @@ def downgrade() -> None:
         batch_op.drop_column('shadow_of')
         batch_op.drop_column('shadow')
         batch_op.drop_column('rollout')
+    with op.batch_alter_table('model_events', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_model_events_model_id'))
+    op.drop_table('model_events')
     op.drop_table('rollouts')
     with op.batch_alter_table('model_aliases', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_model_aliases_model_id'))

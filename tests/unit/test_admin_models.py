@@ -80,6 +80,9 @@ def test_admin_api_runs_the_version_lifecycle(database_url, gateway, tumour):
     assert rolled.json() == {"model": TUMOUR, "action": "rollout_ended", "version": "0.1.1"}
     again = client.post(f"/admin/models/{TUMOUR}/rollback", headers=admin)
     assert again.status_code == 409 and again.json()["error"]["code"] == "rollout_conflict"
+    events = client.get(f"/admin/models/{TUMOUR}/history", headers=admin).json()["events"]
+    assert [e["action"] for e in events][-4:] == ["validated", "approved", "canary", "rollback"]
+    assert events[-3]["actor"].startswith("test admin")
     report = client.get(f"/admin/models/{TUMOUR}/comparison", headers=admin).json()
     assert report["model"] == TUMOUR and report["versions"] == []
 

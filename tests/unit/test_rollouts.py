@@ -153,6 +153,9 @@ def test_promote_then_rollback_then_rollback_again(database_url, tumour):
         assert [v.version for v in lifecycle.active_versions(session, TUMOUR, "production")] == ["0.2.0", "0.1.1"]
         result = lifecycle.rollback(session, TUMOUR, "ops")
         assert (result.action, result.version) == ("alias_reverted", "0.1.1")
+        actions = [(e.action, e.version) for e in lifecycle.history(session, TUMOUR)]
+        assert actions[-3:] == [("rollback", "0.2.0"), ("promote", "0.2.0"), ("rollback", "0.1.1")]
+        assert ("canary", "0.2.0") in actions and ("approved", "0.2.0") in actions
         states = lifecycle.route_states(session, {TUMOUR: ("brain-mri-tumour", "production")})
         assert states[TUMOUR].primary.version == "0.1.1"
         assert states[TUMOUR].primary.app_name == "model-brain-mri-tumour-v0-1-1"

@@ -470,6 +470,17 @@ def models_alias(model: str, alias: str, version: str) -> None:
     click.echo(f"{model}: {alias} -> {version}")
 
 
+@models.command("history")
+@click.argument("model")
+def models_history(model: str) -> None:
+    """Who registered, validated, approved, rolled out, promoted and rolled back what, and when."""
+    from medserve.registry.admin import model_history
+
+    for event in model_history(_settings().resolved_database_url, model):
+        details = " ".join(f"{k}={v}" for k, v in event["details"].items())
+        click.echo(f"{event['at']}  {event['action']:<10} {event['version'] or '-':<20} {event['actor']}  {details}")
+
+
 @models.command("compare")
 @click.argument("model")
 @click.option("--since-minutes", type=float, default=None, help="Only records this recent (default: the current "

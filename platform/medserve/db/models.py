@@ -179,6 +179,22 @@ class Deployment(Base):
     model_version: Mapped[ModelVersion] = relationship()
 
 
+class ModelEvent(Base):
+    """Append-only history of registry decisions: registration, status changes,
+    alias moves, rollouts started, promoted and rolled back, and by whom."""
+
+    __tablename__ = "model_events"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), index=True)
+    version: Mapped[str | None] = mapped_column(String(64))
+    # registered | validated | approved | retired | alias | canary | shadow | promote | rollback
+    action: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class AuditRecord(Base):
     """One inference request that reached the gateway, answered or refused.
 

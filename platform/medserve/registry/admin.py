@@ -81,6 +81,14 @@ def point_alias(database_url: str, model: str, alias: str, version: str, by: str
         lifecycle.set_alias(session, model, alias, version, by)
 
 
+def model_history(database_url: str, model_name: str) -> list[dict[str, Any]]:
+    with session_scope(database_url) as session:
+        return [
+            {"at": _iso(e.created_at), "action": e.action, "version": e.version, "actor": e.actor, "details": e.details}
+            for e in lifecycle.history(session, model_name)
+        ]
+
+
 def comparison_report(database_url: str, model: str, since_minutes: float | None = None) -> dict[str, Any]:
     """Compare versions since ``since_minutes`` ago, else since the current rollout began."""
     since = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from medserve.db.models import Model, ModelAlias, ModelVersion, Rollout, utcnow
+from medserve.db.models import Model, ModelAlias, ModelEvent, ModelVersion, Rollout, utcnow
 from medserve.errors import (
     ModelNotFoundError,
     RolloutError,
@@ -69,6 +69,19 @@ def get_rollout(session: Session, model: Model) -> Rollout | None:
     return session.scalar(select(Rollout).where(Rollout.model_id == model.id))
 
 
+def record_event(
+    session: Session, model: Model, action: str, actor: str, version: str | None = None, **details: object
+) -> None:
+    """Append to the model's history (who decided what, when)."""
+    session.add(ModelEvent(model_id=model.id, version=version, action=action, actor=actor, details=dict(details)))
+
+
+def history(session: Session, model_name: str) -> list[ModelEvent]:
+    model = get_model(session, model_name)
+    query = select(ModelEvent).where(ModelEvent.model_id == model.id).order_by(ModelEvent.created_at)
+    return list(session.scalars(query))
+
+
 # --- status ------------------------------------------------------------------------
 
 
@@ -96,6 +109,7 @@ def set_status(session: Session, model_name: str, version: str, new: str, by: st
     row.status_changed_by, row.status_changed_at = by, now
     if new == "approved":
         row.approved_by, row.approved_at = by, now
+    record_event(session, row.model, new, by, version)
     session.flush()
     return row
 
@@ -138,6 +152,7 @@ def set_alias(session: Session, model_name: str, alias: str, version: str, by: s
     model = get_model(session, model_name)
     target = get_version(session, model_name, version)
     row = get_alias(session, model, alias)
+    record_event(session, model, "alias", by, version, alias=alias)
     if row is None:
         return ensure_alias(session, model, alias, target, by)
     if row.model_version_id != target.id:
@@ -190,6 +205,7 @@ def start_rollout(
         # Same candidate, same mode: re-weight in place. The rollout keeps its
         # id, which salts the sticky split, so patients already on the canary stay.
         row.percent = percent
+    record_event(session, model, mode, by, version, alias=alias, percent=percent)
     session.flush()
     return row
 
@@ -209,6 +225,7 @@ def promote(
     if rollout is not None:
         session.delete(rollout)
     if row.model_version_id != target.id:
+        record_event(session, model, "promote", by, version, alias=alias, previous=row.version.version)
         row.previous_version_id, row.model_version_id, row.updated_by = row.model_version_id, target.id, by
     session.flush()
     return row
@@ -229,6 +246,7 @@ def rollback(session: Session, model_name: str, by: str, *, alias: str = DEFAULT
         raise RolloutError("the model has no such alias", model=model_name, alias=alias)
     rollout = get_rollout(session, model)
     if rollout is not None:
+        record_event(session, model, "rollback", by, rollout.candidate.version, alias=alias, ended=rollout.mode)
         session.delete(rollout)
         session.flush()
         return RollbackResult("rollout_ended", row.version.version)
@@ -237,6 +255,7 @@ def rollback(session: Session, model_name: str, by: str, *, alias: str = DEFAULT
     previous = row.previous_version
     if previous is None or previous.status == "retired":
         raise RolloutError("the previous version is retired", model=model_name)
+    record_event(session, model, "rollback", by, previous.version, alias=alias, reverted_from=row.version.version)
     row.model_version_id, row.previous_version_id, row.updated_by = previous.id, row.model_version_id, by
     session.flush()
     return RollbackResult("alias_reverted", previous.version)

@@ -158,6 +158,12 @@ async def rollback(name: str, request: Request, gateway: GatewayState = Depends(
     return {"model": name, "action": result.action, "version": result.version}
 
 
+@router.get("/{name}/history")
+async def history(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
+    await _admin(request, gateway)
+    return {"events": await asyncio.to_thread(admin.model_history, gateway.database_url, name)}
+
+
 @router.get("/{name}/comparison")
 async def comparison(
     name: str, request: Request, gateway: GatewayState = Depends(get_gateway),
