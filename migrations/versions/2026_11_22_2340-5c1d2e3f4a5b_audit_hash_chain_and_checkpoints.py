@@ -1,7 +1,7 @@
 """audit hash chain and signed checkpoints
 
 Revision ID: 5c1d2e3f4a5b
-Revises: 0908d26b820f
+Revises: 5b1e7c3a9d42
 Create Date: 2026-11-22 23:40:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '5c1d2e3f4a5b'
-down_revision = '0908d26b820f'
+down_revision = '5b1e7c3a9d42'
 branch_labels = None
 depends_on = None
 

@@ -78,6 +78,36 @@ class VersionConflictError(ConfigurationError):
     default_message = "This model version is already registered with a different artifact."
 
 
+class VersionNotFoundError(MedserveError):
+    code = "version_not_found"
+    http_status = 404
+    default_message = "No registered version of this model has this name."
+
+
+class StatusTransitionError(MedserveError):
+    """A version's status may move only registered -> validated -> approved -> retired."""
+
+    code = "invalid_status_transition"
+    http_status = 409
+    default_message = "This status change is not allowed."
+
+
+class VersionNotApprovedError(MedserveError):
+    """Only approved versions take clinical traffic (MEDSERVE_REQUIRE_APPROVED_VERSIONS)."""
+
+    code = "version_not_approved"
+    http_status = 409
+    default_message = "This model version is not approved for clinical traffic."
+
+
+class RolloutError(MedserveError):
+    """A rollout, promote or rollback that cannot be done in the model's current state."""
+
+    code = "rollout_conflict"
+    http_status = 409
+    default_message = "The rollout cannot be changed this way now."
+
+
 class MissingExtraError(ConfigurationError):
     """An engine needs an optional install extra that is not present."""
 

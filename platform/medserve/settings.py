@@ -180,6 +180,20 @@ class Settings(BaseSettings):
             raise ValueError("the 'none' JWT algorithm is never accepted")
         return self
 
+    # --- model versions and rollouts ----------------------------------------------
+    require_approved_versions: bool = Field(
+        default=True,
+        description="Only versions whose status is approved take clinical traffic (primary or canary); "
+        "a shadow candidate, whose answers are never returned, needs validated. "
+        "Set false in test and development environments only.",
+    )
+    rollout_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long a gateway replica trusts the aliases and rollouts it read from the registry; "
+        "a canary, promote or rollback reaches every replica within this window.",
+    )
+
     @property
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()

@@ -28,6 +28,7 @@ from medserve.errors import SpecError
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,98}[a-z0-9])?$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
 Task = Literal["llm", "imaging"]
 EngineName = Literal["llama_cpp", "vllm", "onnx", "hu_roi"]
@@ -239,6 +240,13 @@ class DeploymentSpec(StrictModel):
     inputs: InputSpec = Field(default_factory=InputSpec, description="Input constraints.")
     access: AccessSpec = Field(default_factory=AccessSpec, description="Which departments may call it.")
     model_card: ModelCard = Field(description="Intended use, regulatory status and validation.")
+    alias: str | None = Field(
+        default="production",
+        pattern=ALIAS_PATTERN,
+        description="Registry alias whose version this deployment serves (created pointing at model.version "
+        "on first apply; afterwards `medserve promote` and `medserve rollback` move it, and canary and shadow "
+        "rollouts run against it). null pins the deployment to model.version: no rollouts.",
+    )
 
     @model_validator(mode="after")
     def _inputs_fit_task(self) -> "DeploymentSpec":

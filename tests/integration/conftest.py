@@ -70,7 +70,8 @@ class Platform:
 
     def apply(self, specs: list[DeploymentSpec] | None = None) -> ApplyResult:
         return apply_catalog(self.database_url, specs if specs is not None else self.catalog(), self.target,
-                             self.render_options(), registered_by="integration tests")
+                             self.render_options(), registered_by="integration tests",
+                             require_approved=self.settings.require_approved_versions)
 
     def key(self, role: str = "clinical-app", department: str | None = None) -> str:
         with session_scope(self.database_url) as session:
@@ -109,6 +110,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Itera
         # Logical CPUs, not cores: leaves room for extra replicas in tests.
         "MEDSERVE_RAY_NUM_CPUS": "4",
         "RAY_AUTH_MODE": "token",
+        # A test environment: the demo models are never approved for clinical use.
+        "MEDSERVE_REQUIRE_APPROVED_VERSIONS": "false",
     }
     saved = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)

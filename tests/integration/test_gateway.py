@@ -21,8 +21,8 @@ def app_key(platform: Platform) -> str:
 def test_gpu_specs_were_skipped_with_reasons(platform: Platform):
     statuses = platform.target.application_status()
     assert statuses["gateway"]["status"] == "RUNNING"
-    assert statuses["model-brain-mri-tumour"]["status"] == "RUNNING"
-    assert "model-deepseek-r1-distill-qwen-32b" not in statuses
+    assert statuses["model-brain-mri-tumour-v0-1-1"]["status"] == "RUNNING"
+    assert not any(name.startswith("model-deepseek") for name in statuses)
 
 
 def test_health_and_readiness(platform: Platform):

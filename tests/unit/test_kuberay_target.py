@@ -159,7 +159,7 @@ def test_reconcile_patches_the_named_rayservice_with_what_it_renders(fake_api, t
     specs = load_catalog(repo_root / "deployments")
     options = RenderOptions(http_host="0.0.0.0")
 
-    result = apply_catalog(database_url, specs, target, options, check_engines=False)
+    result = apply_catalog(database_url, specs, target, options, check_engines=False, require_approved=False)
 
     assert [method for method, path in fake_api.requests if path != PATH] == []
     (_, body), = fake_api.patches
@@ -174,7 +174,7 @@ def test_reconcile_patches_the_named_rayservice_with_what_it_renders(fake_api, t
     assert not by_name["deepseek-r1-distill-qwen-32b"].deploy
     assert "GPU: needs 2" in (by_name["deepseek-r1-distill-qwen-32b"].reason or "")
     apps = [app["name"] for app in patched["applications"]]
-    assert "model-deepseek-r1-distill-qwen-32b" not in apps and "model-smollm2-demo" in apps
+    assert not any(name.startswith("model-deepseek") for name in apps) and "model-smollm2-demo-v0-1-2-q4-1" in apps
 
 
 def test_status_reads_active_and_pending_applications(target):
@@ -324,6 +324,8 @@ def test_watch_loop_keeps_reconciling_until_sigterm(fake_api, repo_root, tmp_pat
     env.update(
         KUBECONFIG=str(kubeconfig),
         MEDSERVE_HOME=str(tmp_path),
+        # The demo models are research-use versions nobody has approved.
+        MEDSERVE_REQUIRE_APPROVED_VERSIONS="false",
         PYTHONPATH=str(repo_root / "platform"),
     )
     process = subprocess.Popen(
@@ -348,5 +350,5 @@ def test_watch_loop_keeps_reconciling_until_sigterm(fake_api, repo_root, tmp_pat
     assert process.returncode == 0, output
     assert heartbeat.exists()
     first, second = (yaml.safe_load(body["spec"]["serveConfigV2"]) for _, body in fake_api.patches[:2])
-    assert first == second and "model-smollm2-demo" in {app["name"] for app in first["applications"]}
+    assert first == second and "model-smollm2-demo-v0-1-2-q4-1" in {app["name"] for app in first["applications"]}
     assert output.count("applied to RayService clinical-ai/medserve") >= 2

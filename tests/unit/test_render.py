@@ -12,7 +12,8 @@ def _config(repo_root, **options):
 
 
 def _app(config, name):
-    return next(app for app in config["applications"] if app["name"] == name)
+    """The gateway by name; a model's application by deployment name (one per version)."""
+    return next(app for app in config["applications"] if app["name"] == name or app["name"].startswith(name + "-v"))
 
 
 def test_rendered_config_passes_rays_own_schema(repo_root):
@@ -43,11 +44,11 @@ def test_gateway_catalog_carries_version_and_digest(repo_root):
     tumour = catalog["brain-mri-tumour"]
     assert tumour["model_version"] == "0.1.1"
     assert tumour["artifact_sha256"] == "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49"
-    assert tumour["app_name"] == "model-brain-mri-tumour"
+    assert tumour["app_name"] == "model-brain-mri-tumour-v0-1-1"
 
 
 def test_resources_and_autoscaling_come_from_the_spec(repo_root):
-    _, config = _config(repo_root)
+    specs, config = _config(repo_root)
     ct = _app(config, "model-ct-pancreas-screen")["deployments"][0]
     assert ct["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.25, "resources": {"radiology_gpu": 1.0}}
     assert ct["autoscaling_config"]["min_replicas"] == 0

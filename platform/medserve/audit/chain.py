@@ -32,11 +32,14 @@ GENESIS = "0" * 64
 HASHED_COLUMNS = (
     "api_key_id", "artifact_sha256", "caller_name", "caller_role", "chain_id", "clinician_pseudonym",
     "completion_tokens", "created_at", "department", "encounter_pseudonym", "error_code", "http_status", "id",
-    "input_sha256", "latency_ms", "model_name", "model_version", "operation", "outcome", "output_sha256",
-    "patient_pseudonym", "prev_hash", "prompt_tokens", "purpose_pseudonym", "seq",
+    "input_sha256", "latency_ms", "model_name", "model_version", "operation", "outcome", "output_label",
+    "output_sha256", "patient_pseudonym", "prev_hash", "prompt_tokens", "purpose_pseudonym", "rollout", "seq",
+    "shadow", "shadow_of",
 )
 CHECKPOINT_COLUMNS = ("chain_id", "created_at", "kind", "record_hash", "seq")
-_ID, _CREATED, _LATENCY = (HASHED_COLUMNS.index(name) for name in ("id", "created_at", "latency_ms"))
+_ID, _CREATED, _LATENCY, _SHADOW, _SHADOW_OF = (
+    HASHED_COLUMNS.index(name) for name in ("id", "created_at", "latency_ms", "shadow", "shadow_of")
+)
 _hashed_values = operator.itemgetter(*HASHED_COLUMNS)
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -57,6 +60,10 @@ def canonical_record(row: dict[str, Any]) -> bytes:
     values[_CREATED] = _timestamp(values[_CREATED])
     if values[_LATENCY] is not None:
         values[_LATENCY] = float(values[_LATENCY])
+    # shadow defaults to false in the database: a record written without it reads back false.
+    values[_SHADOW] = bool(values[_SHADOW])
+    if values[_SHADOW_OF] is not None:
+        values[_SHADOW_OF] = str(values[_SHADOW_OF])
     return _encode(values).encode()
 
 
@@ -101,6 +108,8 @@ class Chain:
     def link(self, record: dict[str, Any]) -> dict[str, Any]:
         """Give a record its place in the chain (mutates and returns it)."""
         self.seq += 1
+        # Stored exactly as hashed (the column is NOT NULL, default false).
+        record["shadow"] = bool(record.get("shadow"))
         record["chain_id"] = self.chain_id
         record["seq"] = self.seq
         record["prev_hash"] = self.last_hash

@@ -410,14 +410,20 @@ def up(detach: bool, deployments_dir: Path | None) -> None:
         click.echo("Starting a local Ray instance (token auth on, dashboard on loopback)...")
         connection = start_local_ray(settings)
         dashboard_url, token, started_ray = connection.dashboard_url, connection.auth_token, True
-    (home / UP_STATE_FILE).write_text(json.dumps({"dashboard_url": dashboard_url, "started_ray": started_ray}))
+    (home / UP_STATE_FILE).write_text(json.dumps({
+        "dashboard_url": dashboard_url,
+        "started_ray": started_ray,
+        "deployments_dir": str((deployments_dir or settings.deployments_dir).resolve()),
+    }))
 
     target = RayClusterTarget(dashboard_url, token)
     click.echo(f"Applying {len(specs)} deployment spec(s) to {target.description}...")
-    result = apply_catalog(url, specs, target, _render_options(settings))
+    result = apply_catalog(url, specs, target, _render_options(settings),
+                           require_approved=settings.require_approved_versions)
     for item in result.plan:
         if item.deploy:
-            click.echo(f"  serving  {item.spec.name}: {item.spec.model.name} {item.spec.model.version}")
+            served = ", ".join(result.versions.get(item.spec.name, [item.spec.model.version]))
+            click.echo(f"  serving  {item.spec.name}: {item.spec.model.name} {served}")
         else:
             click.echo(f"  skipped  {item.spec.name}: {item.reason}")
     from medserve.specs import pipelines_of
@@ -569,6 +575,7 @@ def reconcile(
                 _render_options(settings),
                 registered_by=f"medserve reconcile ({target})",
                 check_engines=False,
+                require_approved=settings.require_approved_versions,
             )
         except MedserveError as error:
             if not watch:
@@ -621,6 +628,186 @@ def status(target: str, namespace: str, rayservice: str) -> None:
         click.echo(f"{source.description}: no Serve application reported yet")
     for name, app in sorted(apps.items()):
         click.echo(f"{name:<32} {app['status']:<14} {app['message'][:120]}")
+
+
+# --- model registry and rollouts -----------------------------------------------------
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+def _controller(settings: Settings):  # type: ignore[no-untyped-def]
+    """The rollout controller for the platform `medserve up` started here."""
+    from medserve.controlplane.local_ray import ray_auth_token
+    from medserve.controlplane.rollouts import RolloutController
+    from medserve.controlplane.targets import RayClusterTarget
+    from medserve.specs import load_catalog
+
+    state_path = settings.resolved_home / UP_STATE_FILE
+    if not state_path.exists():
+        _fail("medserve is not up here (no `medserve up` state found): rollouts need the running cluster")
+    state = json.loads(state_path.read_text())
+    token = ray_auth_token(settings) if state["started_ray"] else os.environ.get("RAY_AUTH_TOKEN")
+    specs = load_catalog(Path(state.get("deployments_dir") or settings.deployments_dir))
+    return RolloutController(
+        settings.resolved_database_url,
+        specs,
+        RayClusterTarget(state["dashboard_url"], token),
+        _render_options(settings),
+        require_approved=settings.require_approved_versions,
+        cache_seconds=settings.rollout_cache_seconds,
+    )
+
+
+@cli.group()
+def models() -> None:
+    """The model registry: versions, status gates, aliases, comparisons."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Models with their aliases and any rollout in progress."""
+    from medserve.registry.admin import list_models
+
+    for model in list_models(_settings().resolved_database_url):
+        aliases = ", ".join(f"{a['name']}={a['version']}" for a in model["aliases"]) or "-"
+        rollout = model["rollout"]
+        running = f"{rollout['mode']} {rollout['candidate']}" + (
+            f" {rollout['percent']:g}%" if rollout["mode"] == "canary" else "") if rollout else "-"
+        click.echo(f"{model['name']:<32} {model['task']:<8} versions {model['versions']:<3} {aliases:<32} rollout: {running}")
+
+
+@models.command("versions")
+@click.argument("name")
+def models_versions(name: str) -> None:
+    """A model's versions: status, digest, who registered and approved them."""
+    from medserve.registry.admin import list_versions
+
+    for v in list_versions(_settings().resolved_database_url, name):
+        approved = f"approved by {v['approved_by']} at {v['approved_at']}" if v["approved_by"] else ""
+        click.echo(f"{v['version']:<20} {v['status']:<10} {v['engine']:<10} {(v['artifact_sha256'] or 'unpinned')[:16]}  "
+                   f"registered by {v['registered_by']}  {approved}")
+
+
+@models.command("register")
+@click.option("-f", "--file", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A deployment spec naming the version, its artifact, sha256 and model card.")
+@click.option("--by", default=None, help="Who registers it (default: the OS user).")
+def models_register(path: Path, by: str | None) -> None:
+    """Register the version a spec file names (status: registered). Versions are immutable."""
+    from medserve.registry.admin import register_from_spec
+    from medserve.specs import load_spec
+
+    row = register_from_spec(_settings().resolved_database_url, load_spec(path), by or _who())
+    click.echo(f"{row['model']} {row['version']}: {row['status']}")
+
+
+def _status_command(name: str, new: str, help_text: str):  # type: ignore[no-untyped-def]
+    @models.command(name, help=help_text)
+    @click.argument("model")
+    @click.argument("version")
+    @click.option("--by", default=None, help="Who takes this decision (recorded; default: the OS user).")
+    def command(model: str, version: str, by: str | None) -> None:
+        from medserve.registry.admin import change_status
+
+        row = change_status(_settings().resolved_database_url, model, version, new, by or _who())
+        click.echo(f"{model} {version}: {row['status']} (by {row['status_changed_by']})")
+
+    return command
+
+
+_status_command("validate", "validated", "Mark a version validated (evidence reviewed; may run as a shadow).")
+_status_command("approve", "approved", "Approve a validated version for clinical traffic (records who and when).")
+_status_command("retire", "retired", "Retire a version; it never takes traffic again.")
+
+
+@models.command("alias")
+@click.argument("model")
+@click.argument("alias")
+@click.argument("version")
+def models_alias(model: str, alias: str, version: str) -> None:
+    """Point an alias (e.g. staging) at a version. Use `promote` for the alias a deployment serves."""
+    from medserve.registry.admin import point_alias
+
+    point_alias(_settings().resolved_database_url, model, alias, version, _who())
+    click.echo(f"{model}: {alias} -> {version}")
+
+
+@models.command("history")
+@click.argument("model")
+def models_history(model: str) -> None:
+    """Who registered, validated, approved, rolled out, promoted and rolled back what, and when."""
+    from medserve.registry.admin import model_history
+
+    for event in model_history(_settings().resolved_database_url, model):
+        details = " ".join(f"{k}={v}" for k, v in event["details"].items())
+        click.echo(f"{event['at']}  {event['action']:<10} {event['version'] or '-':<20} {event['actor']}  {details}")
+
+
+@models.command("compare")
+@click.argument("model")
+@click.option("--since-minutes", type=float, default=None, help="Only records this recent (default: the current "
+              "rollout's start, else everything).")
+def models_compare(model: str, since_minutes: float | None) -> None:
+    """Compare the versions of a canary or shadow from the audit trail (JSON)."""
+    from medserve.registry.admin import comparison_report
+
+    click.echo(json.dumps(comparison_report(_settings().resolved_database_url, model, since_minutes), indent=2))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--canary", "canary_version", default=None, help="Send a share of traffic to this version.")
+@click.option("--percent", type=float, default=None, help="Canary share, 0-100 (sticky per patient).")
+@click.option("--shadow", "shadow_version", default=None, help="Mirror traffic to this version; never returned.")
+def rollout(model: str, canary_version: str | None, percent: float | None, shadow_version: str | None) -> None:
+    """Start a canary or shadow rollout of a version (deploys it first; refuses on a failed gate)."""
+    if (canary_version is None) == (shadow_version is None):
+        _fail("give exactly one of --canary VERSION --percent P, or --shadow VERSION")
+    settings = _settings()
+    controller = _controller(settings)
+    if canary_version is not None:
+        if percent is None:
+            _fail("--canary needs --percent")
+        controller.canary(model, canary_version, percent, _who())
+        click.echo(f"{model}: canary {canary_version} at {percent:g}% (sticky per patient)")
+    else:
+        controller.shadow(model, shadow_version, _who())
+        click.echo(f"{model}: shadow {shadow_version} (answers audited, never returned)")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("version")
+def promote(model: str, version: str) -> None:
+    """Make a version the one the model's deployment serves; ends any rollout."""
+    _controller(_settings()).promote(model, version, _who())
+    click.echo(f"{model}: {version} promoted")
+
+
+@cli.command()
+@click.argument("model")
+def rollback(model: str) -> None:
+    """End the rollout in progress, or move back to the previous version."""
+    result = _controller(_settings()).rollback(model, _who())
+    what = "rollout ended" if result.action == "rollout_ended" else "reverted"
+    click.echo(f"{model}: {what}; {result.version} answers all requests")
+
+
+@cli.command("apply")
+def apply_command() -> None:
+    """Re-apply the catalog and the registry's rollouts to the running cluster."""
+    result = _controller(_settings()).apply()
+    for name, versions in sorted(result.versions.items()):
+        click.echo(f"  serving  {name}: {', '.join(versions)}")
+    for line in result.refused:
+        click.echo(f"  refused  {line}")
 
 
 if __name__ == "__main__":

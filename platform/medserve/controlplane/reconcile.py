@@ -7,15 +7,24 @@ than left pending forever; the rest of the catalog still deploys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from functools import lru_cache
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from medserve.controlplane.render import GATEWAY_APP, RenderOptions, app_name_for, render_serve_config
+from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
 from medserve.controlplane.targets import ServeTarget
 from medserve.db.engine import session_scope
+from medserve.engines.artifacts import artifact_sha256, resolve_artifact
 from medserve.engines.loader import engine_available
+from medserve.errors import ArtifactError, ArtifactIntegrityError
+from medserve.registry.lifecycle import active_versions, ensure_alias, get_version
+from medserve.registry.routing import version_app_name
 from medserve.registry.service import mark_removed, record_deployment, register_version
 from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
+
+logger = logging.getLogger("medserve.controlplane")
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,77 @@ class ApplyResult:
     plan: list[PlanItem]
     config: dict[str, Any]
     statuses: dict[str, dict[str, Any]]
+    # deployment name -> versions it runs (alias version first)
+    versions: dict[str, list[str]] = field(default_factory=dict)
+    # "<model> <version>: why" for versions left out (integrity, status)
+    refused: list[str] = field(default_factory=list)
+
+
+def check_artifact_locally(spec: DeploymentSpec) -> None:
+    """Refuse a version whose artifact, reachable from here, does not hash to its pin.
+
+    Engines check again when they load (the node may differ); this check
+    refuses before anything is deployed, so the running version keeps
+    serving untouched. An artifact not present here is left to the engine.
+    """
+    artifact = spec.model.artifact
+    try:
+        path = resolve_artifact(artifact.uri)
+    except ArtifactError:
+        return
+    if artifact.sha256 is None:
+        return
+    stat = path.stat()
+    actual = _local_digest(str(path), stat.st_size, stat.st_mtime_ns)
+    if actual != artifact.sha256:
+        raise ArtifactIntegrityError(uri=artifact.uri, expected=artifact.sha256, actual=actual)
+
+
+@lru_cache(maxsize=64)
+def _local_digest(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime: several versions often share one artifact file.
+    return artifact_sha256(Path(path))
+
+
+def _version_specs(
+    session: Any,
+    spec: DeploymentSpec,
+    version: Any,
+    extra: list[str],
+    *,
+    require_approved: bool,
+    refused: list[str],
+) -> tuple[list[DeploymentSpec], str | None]:
+    """The version specs a deployment runs, or a reason it cannot run at all."""
+    if spec.alias is None:
+        if require_approved and version.status != "approved":
+            return [], f"version {spec.model.version} is {version.status}, not approved"
+        return [spec], None
+    model = version.model
+    ensure_alias(session, model, spec.alias, version, "control plane")
+    rows = active_versions(session, model.name, spec.alias)
+    rows += [get_version(session, model.name, name) for name in extra if name not in {r.version for r in rows}]
+    primary = rows[0]
+    if require_approved and primary.status != "approved":
+        return [], f"{spec.alias} version {primary.version} is {primary.status}, not approved"
+    result = []
+    for row in rows:
+        if row.spec is None:
+            refused.append(f"{model.name} {row.version}: registered without a spec; register it with -f")
+            continue
+        candidate = DeploymentSpec.model_validate(row.spec)
+        if candidate.model.artifact.sha256 != row.artifact_sha256:
+            refused.append(f"{model.name} {row.version}: stored spec disagrees with the registered digest")
+            continue
+        try:
+            check_artifact_locally(candidate)
+        except ArtifactIntegrityError as error:
+            if row is primary:
+                return [], f"version {row.version}: {error.message}"
+            refused.append(f"{model.name} {row.version}: {error.message}")
+            continue
+        result.append(candidate)
+    return result, None
 
 
 def apply_catalog(
@@ -78,22 +158,51 @@ def apply_catalog(
     registered_by: str = "medserve up",
     check_engines: bool = True,
     wait_timeout_s: float = 600.0,
+    require_approved: bool = True,
+    extra_versions: dict[str, list[str]] | None = None,
 ) -> ApplyResult:
+    """Record the catalog, decide which versions each deployment runs, render, apply, wait.
+
+    ``extra_versions`` (model name -> versions) deploys versions beside the
+    registry's active ones, so a rollout can start only once its candidate runs.
+    """
     pipelines = pipelines_of(specs)
     specs = deployments_of(specs)
     items = plan(specs, target.node_resources(), check_engines=check_engines)
-    deployable = [item.spec for item in items if item.deploy]
+    versions: dict[str, list[DeploymentSpec]] = {}
+    refused: list[str] = []
+    final: list[PlanItem] = []
     with session_scope(database_url) as session:
         for item in items:
             version = register_version(session, item.spec, registered_by)
+            reason = item.reason
+            if item.deploy:
+                extra = (extra_versions or {}).get(item.spec.model.name, [])
+                chosen, reason = _version_specs(
+                    session, item.spec, version, extra, require_approved=require_approved, refused=refused
+                )
+                if reason is None:
+                    versions[item.spec.name] = chosen
+            item = PlanItem(item.spec, deploy=reason is None, reason=reason)
+            final.append(item)
             record_deployment(session, item.spec, version, "applied" if item.deploy else "skipped", item.reason)
         mark_removed(session, {spec.name for spec in specs})
+    for line in refused:
+        logger.warning("version not deployed: %s", line)
+    deployable = [item.spec for item in final if item.deploy]
     # Pipelines always render: a step whose model was skipped is reported as
     # failed (model_unavailable) in each report rather than hiding the pipeline.
-    config = render_serve_config([*deployable, *pipelines], options)
+    config = render_serve_config([*deployable, *pipelines], options, versions)
     target.apply(config)
     statuses: dict[str, dict[str, Any]] = {}
     wait = getattr(target, "wait_until_running", None)
+    apps = [version_app_name(spec.name, v.model.version) for spec in deployable for v in versions[spec.name]]
     if wait is not None:
-        statuses = wait([GATEWAY_APP] + [app_name_for(spec) for spec in deployable], timeout_s=wait_timeout_s)
-    return ApplyResult(plan=items, config=config, statuses=statuses)
+        statuses = wait([GATEWAY_APP] + apps, timeout_s=wait_timeout_s)
+    return ApplyResult(
+        plan=final,
+        config=config,
+        statuses=statuses,
+        versions={name: [v.model.version for v in specs_] for name, specs_ in versions.items()},
+        refused=refused,
+    )

@@ -8,11 +8,13 @@ read the database URL and keys from their environment.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.gateway.catalog import CatalogEntry
+from medserve.registry.routing import version_app_name
 from medserve.settings import Settings
 from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
 
@@ -49,6 +51,8 @@ GATEWAY_SETTING_NAMES = (
     "token_budget_department_per_day",
     "token_budget_cache_seconds",
     "department_priority",
+    "require_approved_versions",
+    "rollout_cache_seconds",
 )
 
 
@@ -85,7 +89,16 @@ class RenderOptions(BaseModel):
 
 
 def app_name_for(spec: DeploymentSpec) -> str:
-    return f"model-{spec.name}"
+    """The application of the version the spec itself names."""
+    return version_app_name(spec.name, spec.model.version)
+
+
+def served_spec(deployment: DeploymentSpec, version_spec: DeploymentSpec) -> DeploymentSpec:
+    """A registered version's spec deployed under a catalog deployment: the version
+    brings its model, resources and inputs; the deployment its name and access."""
+    return version_spec.model_copy(
+        update={"name": deployment.name, "access": deployment.access, "alias": deployment.alias}
+    )
 
 
 def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
@@ -101,6 +114,7 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         max_output_tokens=spec.inputs.max_output_tokens,
         deployment=spec.name,
         max_in_flight=spec.autoscaling.max_ongoing_requests * spec.autoscaling.max_replicas,
+        alias=spec.alias,
     )
 
 
@@ -181,22 +195,34 @@ def render_gateway_app(
 
 
 def render_serve_config(
-    specs: list[DeploymentSpec | PipelineSpec], options: RenderOptions | None = None
+    specs: list[DeploymentSpec | PipelineSpec],
+    options: RenderOptions | None = None,
+    versions: Mapping[str, Sequence[DeploymentSpec]] | None = None,
 ) -> dict[str, Any]:
-    """The whole Serve config: one gateway application plus one application per model.
+    """The whole Serve config: one gateway application plus one application per
+    deployed model version.
 
-    Pipeline specs add no application: the gateway runs them over the models' handles.
+    ``versions`` maps a deployment name to the specs of the versions it must
+    run (the alias's version, a rollout candidate, the rollback target); by
+    default a deployment runs the version its spec names. The gateway's args
+    depend on the specs only, never on which versions run, so starting a
+    canary or promoting never redeploys the gateway. Pipeline specs add no
+    application: the gateway runs them over the models' handles.
     """
     options = options or RenderOptions()
+    versions = versions or {}
     http_options: dict[str, Any] = {"host": options.http_host, "port": options.http_port}
     if options.ssl_certfile and options.ssl_keyfile:
         # Paths, not key material: the files must exist on every node running a proxy.
         http_options["ssl_certfile"] = options.ssl_certfile
         http_options["ssl_keyfile"] = options.ssl_keyfile
     models = deployments_of(specs)
+    model_apps = []
+    for spec in models:
+        for version_spec in versions.get(spec.name) or [spec]:
+            model_apps.append(render_model_app(served_spec(spec, version_spec), options))
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options,
-        "applications": [render_gateway_app(models, options, pipelines_of(specs))]
-        + [render_model_app(s, options) for s in models],
+        "applications": [render_gateway_app(models, options, pipelines_of(specs))] + model_apps,
     }

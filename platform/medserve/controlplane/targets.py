@@ -69,8 +69,20 @@ class RayClusterTarget:
             )
         return response
 
-    def apply(self, config: dict[str, Any]) -> None:
-        self._request("PUT", "/api/serve/applications/", json=config)
+    def apply(self, config: dict[str, Any], retry_s: float = 60.0) -> None:
+        # The dashboard answers before its Serve module is up (seen under
+        # load: HTTP 500 "cannot connect to unix socket dash_ServeHead", or a
+        # refused connection). PUT is declarative, so retrying is safe.
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                self._request("PUT", "/api/serve/applications/", json=config)
+                return
+            except ClusterError as error:
+                retryable = "cannot reach" in error.message or "HTTP 5" in error.message
+                if not retryable or time.monotonic() > deadline:
+                    raise
+            time.sleep(2.0)
 
     def application_status(self) -> dict[str, dict[str, Any]]:
         body = self._request("GET", "/api/serve/applications/").json()

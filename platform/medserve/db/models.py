@@ -12,7 +12,20 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator, Uuid
 
@@ -108,8 +121,57 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     approved_by: Mapped[str | None] = mapped_column(String(200))
     approved_at: Mapped[datetime | None]
+    # The whole deployment spec the version was registered with (resources,
+    # inputs, engine parameters), so the control plane can deploy any
+    # registered version, not only the one a catalog file names today.
+    spec: Mapped[dict[str, Any] | None]
+    status_changed_by: Mapped[str | None] = mapped_column(String(200))
+    status_changed_at: Mapped[datetime | None]
 
     model: Mapped[Model] = relationship(back_populates="versions")
+
+
+class ModelAlias(Base):
+    """A named pointer to one version of a model (``production``, ``staging``, ...).
+
+    ``previous_version_id`` is what the alias pointed to before its last move:
+    ``medserve rollback`` moves it back there in one step.
+    """
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
+    previous_version_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("model_versions.id"))
+    updated_by: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    version: Mapped[ModelVersion] = relationship(foreign_keys=[model_version_id])
+    previous_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[previous_version_id])
+
+
+class Rollout(Base):
+    """A candidate version taking part of a model's traffic: at most one per model.
+
+    mode ``canary``: ``percent`` of requests (sticky per patient pseudonym) are
+    answered by the candidate. mode ``shadow``: every request is mirrored to
+    the candidate, whose answer is audited and never returned.
+    """
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), unique=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    candidate_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
+    percent: Mapped[float] = mapped_column(Float, default=0.0)
+    started_by: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    candidate: Mapped[ModelVersion] = relationship()
 
 
 class Deployment(Base):
@@ -128,6 +190,22 @@ class Deployment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class ModelEvent(Base):
+    """Append-only history of registry decisions: registration, status changes,
+    alias moves, rollouts started, promoted and rolled back, and by whom."""
+
+    __tablename__ = "model_events"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), index=True)
+    version: Mapped[str | None] = mapped_column(String(64))
+    # registered | validated | approved | retired | alias | canary | shadow | promote | rollback
+    action: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditRecord(Base):
@@ -168,6 +246,15 @@ class AuditRecord(Base):
     encounter_pseudonym: Mapped[str | None] = mapped_column(String(64))
     clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))
     purpose_pseudonym: Mapped[str | None] = mapped_column(String(64))
+    # Rollouts: which arm answered (primary | canary | shadow; null outside a
+    # rollout). A shadow record is a mirrored call whose answer was never
+    # returned; shadow_of is the id of the record of the answer that was.
+    rollout: Mapped[str | None] = mapped_column(String(16))
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    shadow_of: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    # Top label of a classifier's answer (one of the model's class names,
+    # never free text): what version comparisons count agreement on.
+    output_label: Mapped[str | None] = mapped_column(String(64))
     # Nullable only so rows written before the chain existed survive the
     # migration; `medserve audit verify` reports any row outside a chain.
     chain_id: Mapped[str | None] = mapped_column(String(36))

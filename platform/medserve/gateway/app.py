@@ -13,7 +13,7 @@ from ray import serve
 
 from medserve import __version__
 from medserve.gateway.errors import install_error_handlers
-from medserve.gateway.routes import admin_audit, chat, health, imaging, models, oip, pipelines, reviews
+from medserve.gateway.routes import admin_audit, admin_models, chat, health, imaging, models, oip, pipelines, reviews
 from medserve.gateway.state import GatewayState, set_gateway
 
 
@@ -24,7 +24,7 @@ def create_app() -> FastAPI:
         description="Authenticated, audited access to the hospital's models.",
     )
     install_error_handlers(app)
-    for module in (health, models, chat, imaging, oip, pipelines, reviews, admin_audit):
+    for module in (health, models, chat, imaging, oip, pipelines, reviews, admin_audit, admin_models):
         app.include_router(module.router)
     return app
 

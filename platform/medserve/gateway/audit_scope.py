@@ -52,6 +52,25 @@ class AuditScope:
     completion_tokens: int | None = None
     context: dict[str, str | None] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    # Rollouts: the arm that answered, the candidate to mirror to (never
+    # returned), and for a mirrored call's own record, the answered request.
+    rollout: str | None = None
+    shadow_entry: CatalogEntry | None = None
+    shadow_of: uuid.UUID | None = None
+    output_label: str | None = None
+
+    def shadow_scope(self, entry: CatalogEntry) -> "AuditScope":
+        """The record of a mirrored call: same caller, input and context, its own id and version."""
+        return AuditScope(
+            operation=self.operation,
+            model_name=self.model_name,
+            principal=self.principal,
+            entry=entry,
+            input_sha256=self.input_sha256,
+            context=dict(self.context),
+            rollout="shadow",
+            shadow_of=self.id,
+        )
 
     def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
         principal, entry = self.principal, self.entry
@@ -78,6 +97,10 @@ class AuditScope:
             "encounter_pseudonym": self.context.get("encounter"),
             "clinician_pseudonym": self.context.get("clinician"),
             "purpose_pseudonym": self.context.get("purpose"),
+            "rollout": self.rollout,
+            "shadow": self.shadow_of is not None,
+            "shadow_of": self.shadow_of,
+            "output_label": self.output_label,
         }
 
 
@@ -123,6 +146,13 @@ class AuditRecorder:
                 current_scope.reset(token)
             except ValueError:  # closed from another context (a streamed response's task)
                 pass
+
+    async def write_shadow(self, record: dict[str, Any]) -> None:
+        """A shadow call's record: never delays or fails the answered request."""
+        try:
+            await self._writer.write(record, durable=False)
+        except AuditUnavailableError:
+            logger.error("audit record %s for a shadow call could not be written", record["id"])
 
     async def _write_quietly(self, record: dict[str, Any]) -> None:
         try:

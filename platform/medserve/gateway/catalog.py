@@ -30,6 +30,11 @@ class CatalogEntry(BaseModel):
         description="Requests the model can work on at once (max_ongoing_requests x max_replicas); "
         "beyond it requests wait at the gateway's priority gate. None: no gate.",
     )
+    alias: str | None = Field(
+        default=None,
+        description="Registry alias the deployment follows; the registry then decides the version "
+        "(model_version above is the spec's own, a fallback). None: pinned to model_version.",
+    )
 
 
 class Catalog:

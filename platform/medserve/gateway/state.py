@@ -17,18 +17,22 @@ from ray import serve
 
 from medserve.audit.writer import AuditWriter
 from medserve.errors import (
+    MedserveError,
     ModelTimeoutError,
     ModelUnavailableError,
     OperationNotSupportedError,
     PermissionDeniedError,
     PayloadTooLargeError,
     RequestValidationFailed,
+    VersionNotApprovedError,
     error_from_payload,
 )
-from medserve.gateway.audit_scope import AuditRecorder, current_scope
+from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
+from medserve.gateway.routing import RouteTable, entry_for
+from medserve.registry.routing import choose
 from medserve.security.api_keys import Principal
 from medserve.security.oidc import OIDCVerifier
 from medserve.security.roles import Permission, UndeclaredRouteError, route_permission
@@ -102,10 +106,59 @@ class GatewayState:
         self.recorder = AuditRecorder(
             self.writer, self.settings.pseudonym_key_bytes(), durable=self.settings.audit_durability == "strict"
         )
+        self.routes = RouteTable(self.database_url, self.catalog, self.settings.rollout_cache_seconds)
         self._handles: dict[str, Any] = {}
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
         self.writer.close()
+
+    # --- versions ------------------------------------------------------------
+
+    async def primary(self, entry: CatalogEntry) -> CatalogEntry:
+        """The entry of the version the model's alias names now (no rollout arm)."""
+        state = await self.routes.state(entry.model_name) if entry.alias is not None else None
+        return entry if state is None else entry_for(entry, state.primary)
+
+    async def route(self, entry: CatalogEntry, audit: AuditScope) -> CatalogEntry:
+        """Choose the version that answers this request (canary split sticky per
+        patient pseudonym) and the shadow candidate to mirror it to, if any."""
+        state = await self.routes.state(entry.model_name) if entry.alias is not None else None
+        if state is None:
+            audit.entry = entry
+            return entry
+        require_approved = self.settings.require_approved_versions
+        choice = choose(state, audit.context.get("patient"), require_approved=require_approved)
+        chosen = entry_for(entry, choice.version)
+        audit.entry, audit.rollout = chosen, choice.arm
+        if require_approved and choice.version.status != "approved":
+            raise VersionNotApprovedError(model=entry.model_name, version=choice.version.version)
+        audit.shadow_entry = entry_for(entry, choice.shadow) if choice.shadow is not None else None
+        return chosen
+
+    def _mirror(self, audit: AuditScope, method: str, args: tuple[Any, ...]) -> None:
+        assert audit.shadow_entry is not None
+        scope = audit.shadow_scope(audit.shadow_entry)
+        task = asyncio.get_running_loop().create_task(self._shadow_call(scope, method, args))
+        # Keep a reference until done: the event loop holds tasks only weakly.
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_call(self, scope: AuditScope, method: str, args: tuple[Any, ...]) -> None:
+        assert scope.entry is not None
+        try:
+            # Straight to the engine: a shadow neither spends the caller's
+            # token budget nor takes a slot at the priority gate.
+            result = await self._call(scope.entry, method, *args)
+        except MedserveError as error:
+            record = scope.to_record(error.http_status, error.code, "error")
+        except Exception:  # noqa: BLE001 - a shadow must never affect the answered request
+            record = scope.to_record(500, "internal_error", "error")
+        else:
+            scope.output_sha256 = result.get("output_sha256")
+            scope.output_label = result.get("top_label")
+            record = scope.to_record(200, None, "ok")
+        await self.recorder.write_shadow(record)
 
     # --- callers -------------------------------------------------------------
 
@@ -186,12 +239,16 @@ class GatewayState:
         principal = principal or _current_principal.get()
         return priority_class(principal.department if principal else None, self.settings.department_priority)
 
-    async def call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
+    async def call(self, entry: CatalogEntry, method: str, *args: Any, audit: AuditScope | None = None) -> dict[str, Any]:
         """Call an engine replica; its error payloads come back as MedserveErrors.
 
         When the model is saturated the call waits at the model's priority
         gate, where emergency departments go before standard and research.
+        With ``audit``, a shadow candidate chosen by :meth:`route` gets the same
+        call, concurrently; its answer goes to its own audit record only.
         """
+        if audit is not None and audit.shadow_entry is not None:
+            self._mirror(audit, method, args)
         principal = _current_principal.get()
         if principal is not None:
             await self.check_token_budget(principal, entry)
@@ -218,6 +275,8 @@ class GatewayState:
             raise ModelUnavailableError(model=entry.model_name) from None
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
+        if audit is not None and isinstance(result, dict) and isinstance(result.get("top_label"), str):
+            audit.output_label = result["top_label"][:64]
         return result
 
 

@@ -8,7 +8,7 @@ import json
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from medserve.db.models import Deployment, Model, ModelVersion
+from medserve.db.models import Deployment, Model, ModelEvent, ModelVersion
 from medserve.errors import VersionConflictError
 from medserve.specs import DeploymentSpec
 
@@ -42,11 +42,16 @@ def register_version(session: Session, spec: DeploymentSpec, registered_by: str)
             artifact_sha256=model_spec.artifact.sha256,
             model_card=spec.model_card.model_dump(mode="json"),
             registered_by=registered_by,
+            spec=spec.model_dump(mode="json"),
         )
         session.add(version)
         session.flush()
+        session.add(ModelEvent(model_id=model.id, version=version.version, action="registered", actor=registered_by,
+                               details={"artifact_sha256": version.artifact_sha256}))
     elif version.artifact_sha256 != model_spec.artifact.sha256 or version.artifact_uri != model_spec.artifact.uri:
         raise VersionConflictError(model=model_spec.name, version=model_spec.version)
+    elif version.spec is None:
+        version.spec = spec.model_dump(mode="json")
     return version
 
 

@@ -69,6 +69,16 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     ("GET", "/v1/reviews/pending"): Permission.READ_REVIEWS,
     ("GET", "/v1/reviews/summary"): Permission.READ_REVIEWS,
     ("GET", "/admin/audit"): Permission.READ_AUDIT,
+    ("GET", "/admin/models"): Permission.ADMINISTER,
+    ("GET", "/admin/models/{name}/versions"): Permission.ADMINISTER,
+    ("POST", "/admin/models/versions"): Permission.ADMINISTER,
+    ("POST", "/admin/models/{name}/versions/{version}/{action}"): Permission.ADMINISTER,
+    ("PUT", "/admin/models/{name}/aliases/{alias}"): Permission.ADMINISTER,
+    ("POST", "/admin/models/{name}/rollout"): Permission.ADMINISTER,
+    ("POST", "/admin/models/{name}/promote"): Permission.ADMINISTER,
+    ("POST", "/admin/models/{name}/rollback"): Permission.ADMINISTER,
+    ("GET", "/admin/models/{name}/history"): Permission.ADMINISTER,
+    ("GET", "/admin/models/{name}/comparison"): Permission.ADMINISTER,
 }
 
 

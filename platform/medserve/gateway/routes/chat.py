@@ -20,7 +20,7 @@ async def chat_completions(request: Request, gateway: GatewayState = Depends(get
         chat = parse_json_body(ChatCompletionRequest, body)
         audit.model_name = chat.model
         entry = gateway.authorize_model(audit.principal, chat.model, task="llm")
-        audit.entry = entry
+        entry = await gateway.route(entry, audit)
         if chat.stream:
             raise OperationNotSupportedError("streaming is not available yet", model=entry.model_name)
         params = {
@@ -31,7 +31,7 @@ async def chat_completions(request: Request, gateway: GatewayState = Depends(get
             "seed": chat.seed,
         }
         messages = [message.model_dump(exclude_none=True) for message in chat.messages]
-        result = await gateway.call(entry, "chat", {"messages": messages, "params": params})
+        result = await gateway.call(entry, "chat", {"messages": messages, "params": params}, audit=audit)
         audit.output_sha256 = result["output_sha256"]
         audit.prompt_tokens = result["prompt_tokens"]
         audit.completion_tokens = result["completion_tokens"]

@@ -25,13 +25,13 @@ async def analyze_image(name: str, request: Request, gateway: GatewayState = Dep
     async with gateway.recorder.scope("imaging.analyze", name, request.headers) as audit:
         audit.principal = await gateway.principal(request)
         entry = gateway.authorize_model(audit.principal, name, task="imaging")
-        audit.entry = entry
+        entry = await gateway.route(entry, audit)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in IMAGING_TYPES:
             raise UnsupportedMediaTypeError(accepted=list(IMAGING_TYPES))
         body = await gateway.read_body(request)
         audit.input_sha256 = sha256_hex(body)
-        result = await gateway.call(entry, "classify", body, content_type)
+        result = await gateway.call(entry, "classify", body, content_type, audit=audit)
         audit.output_sha256 = result.pop("output_sha256")
         payload = {
             "inference_id": str(audit.id),

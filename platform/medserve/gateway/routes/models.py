@@ -16,6 +16,7 @@ router = APIRouter(tags=["models"])
 async def list_models(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     require(principal, Permission.LIST_MODELS)
+    entries = [await gateway.primary(entry) for entry in gateway.catalog.entries()]
     data = [
         {
             "id": entry.model_name,
@@ -26,7 +27,7 @@ async def list_models(request: Request, gateway: GatewayState = Depends(get_gate
             "version": entry.model_version,
             "artifact_sha256": entry.artifact_sha256,
         }
-        for entry in gateway.catalog.entries()
+        for entry in entries
         if not entry.departments or principal.department in entry.departments
     ]
     return {"object": "list", "data": data}
@@ -36,7 +37,7 @@ async def list_models(request: Request, gateway: GatewayState = Depends(get_gate
 async def model_metadata(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     require(principal, Permission.LIST_MODELS)
-    entry = gateway.catalog.get(name)
+    entry = await gateway.primary(gateway.catalog.get(name))
     require_department(principal, entry.departments, entry.model_name)
     if entry.task != "imaging":
         raise OperationNotSupportedError(model=entry.model_name, task=entry.task)

@@ -17,11 +17,11 @@ async def infer(name: str, request: Request, gateway: GatewayState = Depends(get
     async with gateway.recorder.scope("oip.infer", name, request.headers) as audit:
         audit.principal = await gateway.principal(request)
         entry = gateway.authorize_model(audit.principal, name, task="imaging")
-        audit.entry = entry
+        entry = await gateway.route(entry, audit)
         body = await gateway.read_body(request)
         audit.input_sha256 = sha256_hex(body)
         parsed = parse_json_body(InferRequest, body)
-        result = await gateway.call(entry, "infer", json.loads(parsed.model_dump_json(exclude_none=True)))
+        result = await gateway.call(entry, "infer", json.loads(parsed.model_dump_json(exclude_none=True)), audit=audit)
         audit.output_sha256 = result["output_sha256"]
         payload = {
             "model_name": entry.model_name,
