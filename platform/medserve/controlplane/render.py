@@ -63,6 +63,7 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         deployment_name=ENGINE_DEPLOYMENT,
         departments=list(spec.access.departments),
         max_output_tokens=spec.inputs.max_output_tokens,
+        reasoning_to_client=spec.reasoning.return_to_client,
         deployment=spec.name,
     )
 

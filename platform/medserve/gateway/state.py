@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -45,6 +46,7 @@ class GatewayState:
             self.writer, self.settings.pseudonym_key_bytes(), durable=self.settings.audit_durability == "strict"
         )
         self._handles: dict[str, Any] = {}
+        self._stream_handles: dict[str, Any] = {}
 
     def close(self) -> None:
         self.writer.close()
@@ -103,6 +105,39 @@ class GatewayState:
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
         return result
+
+
+    async def stream(self, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
+        """Items of a streaming engine method, within the request timeout.
+
+        Closing this generator early (the client went away) cancels the call
+        on the replica, which stops the generation.
+        """
+        handle = self._stream_handles.get(entry.app_name)
+        if handle is None:
+            handle = self._handle(entry).options(stream=True)
+            self._stream_handles[entry.app_name] = handle
+        responses = getattr(handle, method).remote(*args)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(responses.__anext__(), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise ModelTimeoutError(model=entry.model_name) from None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
+                    logger.warning("stream from %s failed: %s", entry.app_name, type(error).__name__)
+                    raise ModelUnavailableError(model=entry.model_name) from None
+                if isinstance(item, dict) and "error" in item:
+                    raise error_from_payload(item)
+                yield item
+        finally:
+            responses.cancel()
 
 
 _replica_state: GatewayState | None = None
