@@ -70,6 +70,9 @@ class LlamaCppEngine(LLMEngine):
         pending, untold, finish_reason, cut = "", 0, "length", False
         with self._lock:
             llama.set_seed(params.seed if params.seed is not None else random.randrange(2**32))
+            # No KV-cache reuse across requests: a reused prefix changes the numerics
+            # slightly, and the same request with the same seed must give the same answer.
+            llama.reset()
             tokens = llama.generate(
                 prompt, top_k=40, top_p=params.top_p, min_p=0.05, temp=params.temperature, repeat_penalty=1.0
             )
