@@ -83,9 +83,9 @@ class ScriptedEngine(LLMEngine):
         return [1] * len(prompt.split())
 
     def generate(self, prompt: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Piece]:
-        for text in self.pieces:
+        for text in self.pieces[: params.max_tokens]:
             yield Piece(text=text, tokens=1)
-        yield Piece(text="", tokens=0, finish_reason="stop")
+        yield Piece(text="", tokens=0, finish_reason="stop" if params.max_tokens >= len(self.pieces) else "length")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def _events(response) -> list[Any]:
 
 def _chat(**extra):
     return {"model": SMOL, "messages": [{"role": "user", "content": "Name a bone of the arm."}],
-            "max_tokens": 16, "temperature": 0, "seed": 7, **extra}
+            "max_tokens": 8, "temperature": 0, "seed": 7, **extra}
 
 
 def test_streamed_chat_matches_the_whole_answer_and_is_audited_once(gateway):
@@ -180,7 +180,7 @@ def test_streamed_chat_matches_the_whole_answer_and_is_audited_once(gateway):
 
 
 def test_streamed_text_completion(gateway):
-    body = {"model": SMOL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "stream": True}
+    body = {"model": SMOL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stream": True}
     events = _events(gateway.client.post("/v1/completions", json=body))
     assert events[-1] == "[DONE]"
     assert {e["object"] for e in events[:-1]} == {"text_completion"}
@@ -196,11 +196,16 @@ def test_whole_text_completion_honours_max_tokens(gateway):
     assert answer["usage"]["completion_tokens"] == 4 and answer["choices"][0]["finish_reason"] == "length"
 
 
-def test_max_tokens_is_capped_by_the_spec(gateway, specs):
-    cap = specs["smollm2-demo"].inputs.max_output_tokens
-    body = {"model": SMOL, "prompt": "Once upon a time", "max_tokens": cap * 10, "temperature": 0}
-    answer = gateway.client.post("/v1/completions", json=body).json()
-    assert answer["usage"]["completion_tokens"] <= cap
+def test_max_tokens_is_capped_by_the_spec(database_url, tmp_path, specs):
+    base = specs["smollm2-demo"]
+    spec = base.model_copy(update={"inputs": base.inputs.model_copy(update={"max_output_tokens": 3})})
+    gateway = Gateway(database_url, tmp_path, {SMOL: (spec, _scripted_server(spec, ["a"] * 10))})
+    try:
+        body = {"model": SMOL, "prompt": "Once upon a time", "max_tokens": 100}
+        answer = gateway.client.post("/v1/completions", json=body).json()
+        assert answer["usage"]["completion_tokens"] == 3 and answer["choices"][0]["finish_reason"] == "length"
+    finally:
+        gateway.close()
 
 
 def test_long_prompt_is_refused_before_the_stream_starts(gateway):
