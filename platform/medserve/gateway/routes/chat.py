@@ -119,7 +119,7 @@ async def _exchange(
                 try:
                     # The replica checks the prompt before its first event.
                     start = await events.__anext__()
-                    audit.prompt_tokens = start["prompt_tokens"]
+                    audit.prompt_tokens = start.get("prompt_tokens")
                     audit.completion_tokens = 0
                     started = True
                     yield provenance_headers(str(audit.id), entry)
