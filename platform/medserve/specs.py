@@ -196,6 +196,21 @@ class InputSpec(StrictModel):
         return [value.strip().upper() for value in values]
 
 
+class ReasoningSpec(StrictModel):
+    """How a reasoning model's thinking (``<think>...</think>``) is handled (LLM only)."""
+
+    parser: Literal["deepseek_r1"] | None = Field(
+        default=None,
+        description="Split the reasoning from the answer the way vLLM's parser of this name does: "
+        "text up to </think> becomes reasoning_content. None: the output is all answer.",
+    )
+    return_to_client: bool = Field(
+        default=False,
+        description="Whether reasoning_content reaches the caller. Either way the audit record keeps "
+        "a sha256 of the reasoning and of the answer.",
+    )
+
+
 class AccessSpec(StrictModel):
     """Who may call the model."""
 
@@ -239,6 +254,9 @@ class DeploymentSpec(StrictModel):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica count and scaling.")
     inputs: InputSpec = Field(default_factory=InputSpec, description="Input constraints.")
     access: AccessSpec = Field(default_factory=AccessSpec, description="Which departments may call it.")
+    reasoning: ReasoningSpec = Field(
+        default_factory=ReasoningSpec, description="Reasoning split and whether callers see it (LLM only)."
+    )
     model_card: ModelCard = Field(description="Intended use, regulatory status and validation.")
     alias: str | None = Field(
         default="production",
@@ -252,9 +270,26 @@ class DeploymentSpec(StrictModel):
     def _inputs_fit_task(self) -> "DeploymentSpec":
         if self.model.task == "llm" and (self.inputs.modalities or self.inputs.body_parts):
             raise ValueError("modalities and body_parts apply to imaging models only")
-        if self.model.engine == "vllm" and self.resources.num_gpus <= 0:
-            raise ValueError("the vllm engine needs resources.num_gpus > 0")
+        if self.model.task != "llm" and self.reasoning.parser is not None:
+            raise ValueError("reasoning applies to LLM models only")
+        if "reasoning_parser" in self.model.parameters:
+            raise ValueError("set reasoning.parser rather than model.parameters.reasoning_parser")
+        if self.model.engine == "vllm":
+            if self.resources.num_gpus <= 0:
+                raise ValueError("the vllm engine needs resources.num_gpus > 0")
+            tensor_parallel = self.model.parameters.get("tensor_parallel_size", 1)
+            if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+                raise ValueError("model.parameters.tensor_parallel_size must be a whole number >= 1")
+            if self.resources.num_gpus > tensor_parallel:
+                raise ValueError(
+                    "resources.num_gpus exceeds model.parameters.tensor_parallel_size: each of the "
+                    "tensor-parallel workers takes num_gpus / tensor_parallel_size GPUs (at most 1)"
+                )
         return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.model.parameters.get("tensor_parallel_size", 1))
 
 
 class PipelineStepSpec(StrictModel):

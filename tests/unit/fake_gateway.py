@@ -25,7 +25,14 @@ from medserve.specs import deployments_of, load_catalog
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CANNED: dict[str, dict[str, Any]] = {
-    "chat": {"text": "ok", "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 2, "output_sha256": "0" * 64},
+    "generate": {
+        "content": "ok",
+        "reasoning": "",
+        "finish_reason": "stop",
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "time_to_first_token_s": 0.01,
+    },
     "classify": {"output_sha256": "1" * 64, "label": "no_tumour", "scores": {"no_tumour": 1.0}},
     "infer": {"output_sha256": "2" * 64, "outputs": []},
     "metadata": {"name": "brain-mri-tumour", "versions": ["0.1.1"], "platform": "onnxruntime"},

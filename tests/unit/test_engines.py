@@ -62,25 +62,85 @@ def test_oip_tensors_in_and_out(tumour):
     assert run(tumour.infer(bad))["error"]["code"] == "bad_request"
 
 
-def test_chat_generates_and_counts_tokens(smol):
-    request = {
-        "messages": [{"role": "user", "content": "Say hello."}],
-        "params": {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 1},
+def _chat(content, **params):
+    return {
+        "kind": "chat",
+        "messages": [{"role": "user", "content": content}],
+        "params": {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 1, **params},
     }
-    result = run(smol.chat(request))
-    assert result["completion_tokens"] <= 8
+
+
+async def _collect(stream):
+    return [event async for event in stream]
+
+
+def test_chat_generates_and_counts_tokens(smol):
+    result = run(smol.generate(_chat("Say hello.")))
+    assert 0 < result["completion_tokens"] <= 8
     assert result["prompt_tokens"] > 3
     assert result["finish_reason"] in {"stop", "length"}
-    assert isinstance(result["text"], str)
+    assert isinstance(result["content"], str) and result["reasoning"] == ""
+    assert result["time_to_first_token_s"] > 0
+
+
+def test_stream_matches_the_whole_answer(smol):
+    request = _chat("Name a bone of the arm.", max_tokens=24)
+    whole = run(smol.generate(request))
+    events = run(_collect(smol.generate_stream(request)))
+    assert events[0] == {"type": "start", "prompt_tokens": whole["prompt_tokens"]}
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert "".join(e["content"] for e in deltas) == whole["content"]
+    assert sum(e["tokens"] for e in deltas) == whole["completion_tokens"]
+    assert events[-1]["type"] == "end" and events[-1]["finish_reason"] == whole["finish_reason"]
+
+
+def test_max_tokens_ends_with_length(smol):
+    result = run(smol.generate(_chat("Write a long story about a hospital.", max_tokens=5)))
+    assert result["completion_tokens"] == 5 and result["finish_reason"] == "length"
+
+
+def test_stop_sequence_ends_early_and_is_not_returned(smol):
+    request = _chat("Write a long story about a hospital.", max_tokens=40)
+    free = run(smol.generate(request))["content"]
+    word = free.split()[3]
+    stopped = run(smol.generate(_chat("Write a long story about a hospital.", max_tokens=40, stop=[word])))
+    assert stopped["finish_reason"] == "stop"
+    assert word not in stopped["content"] and free.startswith(stopped["content"])
+
+
+def test_same_seed_same_sample(smol):
+    request = _chat("Invent a name for a cat.", max_tokens=12, temperature=1.0, seed=1234)
+    assert run(smol.generate(request))["content"] == run(smol.generate(request))["content"]
+
+
+def test_text_completion(smol):
+    request = {"kind": "completion", "prompt": "The capital of France is",
+               "params": {"max_tokens": 6, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 1}}
+    result = run(smol.generate(request))
+    assert result["prompt_tokens"] >= 5 and 0 < result["completion_tokens"] <= 6
+
+
+def test_closing_the_stream_stops_the_engine(smol):
+    async def scenario():
+        stream = smol.generate_stream(_chat("Write a long story about a hospital.", max_tokens=200))
+        assert (await stream.__anext__())["type"] == "start"
+        assert (await stream.__anext__())["type"] == "delta"
+        await stream.aclose()
+        # The engine thread notices the cancel flag at its next token and frees the model.
+        for _ in range(200):
+            if not smol.engine._lock.locked():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert run(scenario())
 
 
 def test_prompt_over_the_limit_is_refused(smol):
-    request = {
-        "messages": [{"role": "user", "content": "word " * 3000}],
-        "params": {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 1},
-    }
-    result = run(smol.chat(request))
+    result = run(smol.generate(_chat("word " * 3000)))
     assert result["error"]["code"] == "context_length_exceeded"
+    (event,) = run(_collect(smol.generate_stream(_chat("word " * 3000))))
+    assert event["error"]["code"] == "context_length_exceeded"
 
 
 def test_tampered_artifact_pin_refuses_to_load(catalog):

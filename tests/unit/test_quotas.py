@@ -81,7 +81,7 @@ def test_the_daily_token_budget_counts_audited_tokens_and_refuses_with_429(tmp_p
     with gateway_client(tmp_path, database_url, token_budget_key_per_day=10) as (client, state):
         statuses = [client.post("/v1/chat/completions", json=BODY, headers=headers).status_code for _ in range(3)]
         refused = client.post("/v1/chat/completions", json=BODY, headers=headers)
-        assert state.calls.count("chat") == 2  # refused requests never reach the engine
+        assert state.calls.count("generate") == 2  # refused requests never reach the engine
         imaging = client.get("/v1/models", headers=headers)  # budgets apply to LLM tokens only
     assert statuses == [200, 200, 429] and imaging.status_code == 200
     assert refused.json()["error"]["code"] == "token_budget_exceeded" and int(refused.headers["Retry-After"]) >= 1

@@ -54,9 +54,12 @@ def test_resources_and_autoscaling_come_from_the_spec(repo_root):
     assert ct["autoscaling_config"]["min_replicas"] == 0
     assert ct["autoscaling_config"]["initial_replicas"] == 1
 
-    deepseek = _app(config, "model-deepseek-r1-distill-qwen-32b")["deployments"][0]
-    assert deepseek["ray_actor_options"]["num_gpus"] == 2
-    assert deepseek["ray_actor_options"]["accelerator_type"] == "A100"
+    # vllm: the GPUs go to Ray Serve LLM's deployment (a placement group per replica), not the adapter.
+    deepseek = _app(config, "model-deepseek-r1-distill-qwen-32b")
+    llm_config = deepseek["args"]["llm_config"]
+    assert llm_config["accelerator_type"] == "A100"
+    assert llm_config["placement_group_config"]["bundle_per_worker"]["GPU"] * 2 == 2
+    assert "num_gpus" not in deepseek["deployments"][0]["ray_actor_options"]
 
     smol = _app(config, "model-smollm2-demo")["deployments"][0]
     assert smol["num_replicas"] == 1 and "autoscaling_config" not in smol

@@ -31,14 +31,15 @@ GENESIS = "0" * 64
 # hash of records written before it.
 HASHED_COLUMNS = (
     "api_key_id", "artifact_sha256", "caller_name", "caller_role", "chain_id", "clinician_pseudonym",
-    "completion_tokens", "created_at", "department", "encounter_pseudonym", "error_code", "http_status", "id",
-    "input_sha256", "latency_ms", "model_name", "model_version", "operation", "outcome", "output_label",
-    "output_sha256", "patient_pseudonym", "prev_hash", "prompt_tokens", "purpose_pseudonym", "rollout", "seq",
-    "shadow", "shadow_of",
+    "completion_tokens", "created_at", "department", "encounter_pseudonym", "error_code", "finish_reason",
+    "http_status", "id", "input_sha256", "latency_ms", "model_name", "model_version", "operation", "outcome",
+    "output_label", "output_sha256", "patient_pseudonym", "prev_hash", "prompt_tokens", "purpose_pseudonym",
+    "reasoning_sha256", "rollout", "seq", "shadow", "shadow_of", "time_to_first_token_ms",
 )
 CHECKPOINT_COLUMNS = ("chain_id", "created_at", "kind", "record_hash", "seq")
-_ID, _CREATED, _LATENCY, _SHADOW, _SHADOW_OF = (
-    HASHED_COLUMNS.index(name) for name in ("id", "created_at", "latency_ms", "shadow", "shadow_of")
+_ID, _CREATED, _LATENCY, _TTFT, _SHADOW, _SHADOW_OF = (
+    HASHED_COLUMNS.index(name)
+    for name in ("id", "created_at", "latency_ms", "time_to_first_token_ms", "shadow", "shadow_of")
 )
 _hashed_values = operator.itemgetter(*HASHED_COLUMNS)
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
@@ -58,8 +59,9 @@ def canonical_record(row: dict[str, Any]) -> bytes:
         values = [row.get(name) for name in HASHED_COLUMNS]
     values[_ID] = str(values[_ID])
     values[_CREATED] = _timestamp(values[_CREATED])
-    if values[_LATENCY] is not None:
-        values[_LATENCY] = float(values[_LATENCY])
+    for index in (_LATENCY, _TTFT):  # floats: one JSON form whatever the driver returned
+        if values[index] is not None:
+            values[index] = float(values[index])
     # shadow defaults to false in the database: a record written without it reads back false.
     values[_SHADOW] = bool(values[_SHADOW])
     if values[_SHADOW_OF] is not None:

@@ -23,6 +23,9 @@ GATEWAY_DEPLOYMENT = "Gateway"
 ENGINE_DEPLOYMENT = "ModelServer"
 GATEWAY_IMPORT_PATH = "medserve.gateway.app:build_app"
 ENGINE_IMPORT_PATH = "medserve.engines.serve_app:build_app"
+VLLM_IMPORT_PATH = "medserve.engines.vllm_app:build_app"
+# The vllm application's ingress only relays tokens; the GPUs belong to Ray Serve LLM's deployment.
+VLLM_ADAPTER_NUM_CPUS = 0.25
 
 # Gateway settings that travel in the config (non-secret, per-deployment policy).
 GATEWAY_SETTING_NAMES = (
@@ -112,6 +115,7 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         deployment_name=ENGINE_DEPLOYMENT,
         departments=list(spec.access.departments),
         max_output_tokens=spec.inputs.max_output_tokens,
+        reasoning_to_client=spec.reasoning.return_to_client,
         deployment=spec.name,
         max_in_flight=spec.autoscaling.max_ongoing_requests * spec.autoscaling.max_replicas,
         alias=spec.alias,
@@ -155,6 +159,8 @@ def replica_config(spec: DeploymentSpec) -> dict[str, Any]:
 
 
 def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, Any]:
+    if spec.model.engine == "vllm":
+        return render_vllm_app(spec, options)
     return {
         "name": app_name_for(spec),
         # No route_prefix: the model is reachable only by handle, through the gateway.
@@ -162,6 +168,25 @@ def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, 
         "import_path": ENGINE_IMPORT_PATH,
         "args": {"spec": spec.model_dump(mode="json"), "allow_unpinned": options.allow_unpinned_artifacts},
         "deployments": [replica_config(spec)],
+    }
+
+
+def render_vllm_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, Any]:
+    """vLLM through Ray Serve LLM: the GPU deployment is built from ``llm_config`` by the app builder."""
+    from medserve.engines.vllm_app import llm_config_for
+
+    adapter = replica_config(spec)
+    adapter["ray_actor_options"] = {"num_cpus": VLLM_ADAPTER_NUM_CPUS}
+    return {
+        "name": app_name_for(spec),
+        "route_prefix": None,
+        "import_path": VLLM_IMPORT_PATH,
+        "args": {
+            "spec": spec.model_dump(mode="json"),
+            "allow_unpinned": options.allow_unpinned_artifacts,
+            "llm_config": llm_config_for(spec),
+        },
+        "deployments": [adapter],
     }
 
 

@@ -242,6 +242,12 @@ class AuditRecord(Base):
     output_sha256: Mapped[str | None] = mapped_column(String(64))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # LLM calls: digest of the reasoning part (kept apart from the answer's
+    # output_sha256), time to the first generated token, and why generation
+    # ended (stop | length | cancelled).
+    reasoning_sha256: Mapped[str | None] = mapped_column(String(64))
+    time_to_first_token_ms: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
     patient_pseudonym: Mapped[str | None] = mapped_column(String(64), index=True)
     encounter_pseudonym: Mapped[str | None] = mapped_column(String(64))
     clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))

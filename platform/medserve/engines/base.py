@@ -7,7 +7,9 @@ They know nothing of HTTP, Ray or the audit trail.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,12 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
-class Generation:
+class Piece:
+    """Newly generated text and how many tokens it took; the last piece carries finish_reason."""
+
     text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
+    tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last piece
 
 
 class Engine(ABC):
@@ -44,12 +47,19 @@ class Engine(ABC):
 
 class LLMEngine(Engine):
     @abstractmethod
-    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
-        """Tokens the chat prompt occupies once the chat template is applied."""
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt tokens of a conversation once the chat template is applied."""
 
     @abstractmethod
-    def chat(self, messages: list[dict[str, str]], params: GenerationParams) -> Generation:
-        """Generate one assistant reply."""
+    def text_prompt(self, prompt: str) -> list[int]:
+        """The prompt tokens of a plain completion prompt."""
+
+    @abstractmethod
+    def generate(self, prompt: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Piece]:
+        """Generate from prompt tokens, piece by piece; stops soon after cancel is set.
+
+        Runs in a worker thread. The last piece has finish_reason set.
+        """
 
     @property
     @abstractmethod

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import os
+import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from medserve.engines.base import Generation, GenerationParams, LLMEngine
+from medserve.engines.base import GenerationParams, LLMEngine, Piece
 from medserve.errors import MissingExtraError
 from medserve.specs import DeploymentSpec
 
@@ -52,24 +55,57 @@ class LlamaCppEngine(LLMEngine):
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         return self._llama.tokenize(prompt.encode(), add_bos=False, special=True)
 
-    def count_chat_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self._prompt_tokens(messages))
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._prompt_tokens(messages)
 
-    def chat(self, messages: list[dict[str, str]], params: GenerationParams) -> Generation:
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self._llama.tokenize(prompt.encode(), add_bos=True, special=False)
+
+    def generate(self, prompt: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Piece]:
+        """Token by token, so that cancellation, stop sequences and counts are exact."""
+        from llama_cpp import llama_vocab_is_eog
+
+        llama = self._llama
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending, untold, finish_reason, cut = "", 0, "length", False
         with self._lock:
-            result = self._llama.create_chat_completion(
-                messages=messages,  # type: ignore[arg-type]
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                stop=params.stop or None,
-                seed=params.seed,
+            llama.set_seed(params.seed if params.seed is not None else random.randrange(2**32))
+            # No KV-cache reuse across requests: a reused prefix changes the numerics
+            # slightly, and the same request with the same seed must give the same answer.
+            llama.reset()
+            tokens = llama.generate(
+                prompt, top_k=40, top_p=params.top_p, min_p=0.05, temp=params.temperature, repeat_penalty=1.0
             )
-        choice = result["choices"][0]  # type: ignore[index]
-        usage = result["usage"]  # type: ignore[index]
-        return Generation(
-            text=choice["message"]["content"] or "",
-            finish_reason=choice["finish_reason"] or "stop",
-            prompt_tokens=int(usage["prompt_tokens"]),
-            completion_tokens=int(usage["completion_tokens"]),
-        )
+            try:
+                for generated, token in enumerate(tokens, start=1):
+                    if cancel.is_set():
+                        finish_reason = "cancelled"
+                        break
+                    if llama_vocab_is_eog(llama._model.vocab, token):
+                        finish_reason = "stop"
+                        break
+                    untold += 1
+                    pending += decoder.decode(llama.detokenize([token]))
+                    stop_at = min((pending.find(s) for s in params.stop if s in pending), default=-1)
+                    if stop_at >= 0:
+                        pending, finish_reason, cut = pending[:stop_at], "stop", True
+                        break
+                    if generated >= params.max_tokens:
+                        break
+                    keep = max((_overlap(pending, s) for s in params.stop), default=0)
+                    if len(pending) > keep:
+                        yield Piece(text=pending[: len(pending) - keep], tokens=untold)
+                        pending, untold = pending[len(pending) - keep:], 0
+            finally:
+                tokens.close()
+        if not cut:
+            pending += decoder.decode(b"", final=True)
+        yield Piece(text=pending, tokens=untold, finish_reason=finish_reason)
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of text that could begin the stop sequence."""
+    for length in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-length:]):
+            return length
+    return 0

@@ -13,7 +13,7 @@ from medserve.specs import DeploymentSpec
 def engine_available(engine: str) -> tuple[bool, str | None]:
     """Whether this Python environment can run an engine, and why not."""
     needs = {"llama_cpp": ("llama_cpp", "llama-cpp-python"), "onnx": ("onnxruntime", "onnxruntime"),
-             "vllm": ("vllm", "the optional extra medserve[gpu] (vLLM through Ray Serve LLM)"),
+             "vllm": ("vllm", "the optional extra medserve[gpu] (ray[llm]: vLLM through Ray Serve LLM)"),
              "hu_roi": ("numpy", "numpy")}
     module, install = needs[engine]
     if importlib.util.find_spec(module) is None:
@@ -41,6 +41,5 @@ def load_engine(spec: DeploymentSpec, *, allow_unpinned: bool = False) -> tuple[
         from medserve.engines.onnx import OnnxClassifierEngine
 
         return OnnxClassifierEngine(spec, path), sha256
-    # vLLM is served through Ray Serve LLM rather than a medserve engine class;
-    # that path lands with the LLM serving work (issue 3).
-    raise MissingExtraError("the vllm engine is not available in this release", engine="vllm")
+    # vLLM is not a medserve engine class: Ray Serve LLM runs it, see engines/vllm_app.py.
+    raise MissingExtraError("vllm specs are served by medserve.engines.vllm_app, not ModelServer", engine="vllm")

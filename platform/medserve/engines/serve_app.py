@@ -12,13 +12,17 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine, VolumeEngine
+from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine, Piece, VolumeEngine
 from medserve.engines.loader import load_engine
+from medserve.engines.reasoning import ReasoningSplitter, Split
 from medserve.errors import (
     ContextLengthExceededError,
     InputConstraintError,
@@ -57,6 +61,23 @@ def _envelope_errors(method):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+def _envelope_stream_errors(method):  # type: ignore[no-untyped-def]
+    """The same for streaming methods: an error becomes the stream's last item."""
+
+    async def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            async for item in method(self, *args, **kwargs):
+                yield item
+        except MedserveError as error:
+            yield error.to_payload()
+        except Exception:  # noqa: BLE001 - an engine bug must not leak request content
+            logger.exception("engine %s failed", self.spec.name)
+            yield {"error": {"code": "inference_failed", "message": "The model failed to produce a result."}}
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
 class ModelServer:
     """One replica of one model deployment."""
 
@@ -73,26 +94,104 @@ class ModelServer:
             raise OperationNotSupportedError("this model does not generate text", model=self.spec.model.name)
         return self.engine
 
-    @_envelope_errors
-    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, request: dict[str, Any]) -> tuple[LLMEngine, list[int], GenerationParams]:
+        """Prompt tokens and bounded parameters; refuses a prompt over the limit before generating."""
         engine = self._llm()
-        messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
-        params = GenerationParams(**request["params"])
-        prompt_tokens = await asyncio.to_thread(engine.count_chat_tokens, messages)
+        if request.get("kind", "chat") == "chat":
+            messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
+            prompt = engine.chat_prompt(messages)
+        else:
+            prompt = engine.text_prompt(request["prompt"])
         limit = self.spec.inputs.max_prompt_tokens or engine.context_length
-        if prompt_tokens > limit or prompt_tokens + 1 > engine.context_length:
-            raise ContextLengthExceededError(limit=limit, prompt_tokens=prompt_tokens)
+        if len(prompt) > limit or len(prompt) + 1 > engine.context_length:
+            raise ContextLengthExceededError(limit=limit, prompt_tokens=len(prompt))
+        params = GenerationParams(**request["params"])
         # Never ask for more tokens than the context has room for.
-        params = GenerationParams(
-            **{**request["params"], "max_tokens": min(params.max_tokens, engine.context_length - prompt_tokens)}
-        )
-        generation = await asyncio.to_thread(engine.chat, messages, params)
+        room = engine.context_length - len(prompt)
+        return engine, prompt, replace(params, max_tokens=min(params.max_tokens, room))
+
+    async def _events(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """start, then deltas (pieces that arrived together are merged), then end.
+
+        Generation runs in a worker thread; closing this generator (the caller
+        went away, the gateway gave up) sets the cancel flag, and the engine
+        stops at its next token.
+        """
+        engine, prompt, params = await asyncio.to_thread(self._prepare, request)
+        yield {"type": "start", "prompt_tokens": len(prompt)}
+        splitter = ReasoningSplitter() if request.get("kind", "chat") == "chat" and self.spec.reasoning.parser else None
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                for piece in engine.generate(prompt, params, cancel):
+                    loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            except BaseException as error:  # noqa: BLE001 - handed to the event loop
+                loop.call_soon_threadsafe(pieces.put_nowait, error)
+
+        started = loop.time()
+        worker = loop.run_in_executor(None, produce)
+        completion_tokens, first_token_s = 0, None
+        try:
+            while True:
+                batch = [await pieces.get()]
+                while not pieces.empty():
+                    batch.append(pieces.get_nowait())
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                text = "".join(item.text for item in batch)
+                tokens = sum(item.tokens for item in batch)
+                completion_tokens += tokens
+                if first_token_s is None and tokens:
+                    first_token_s = loop.time() - started
+                last = batch[-1]
+                split = splitter.feed(text) if splitter else Split(content=text)
+                if last.finish_reason is not None and splitter:
+                    tail = splitter.finish()
+                    split = Split(split.reasoning + tail.reasoning, split.content + tail.content)
+                if split.reasoning or split.content or tokens:
+                    yield {"type": "delta", "content": split.content, "reasoning": split.reasoning, "tokens": tokens}
+                if last.finish_reason is not None:
+                    yield {
+                        "type": "end",
+                        "finish_reason": last.finish_reason,
+                        "prompt_tokens": len(prompt),
+                        "completion_tokens": completion_tokens,
+                        "time_to_first_token_s": first_token_s,
+                    }
+                    return
+        finally:
+            # Normal end: a no-op. Early close: the engine stops at its next token
+            # and the worker thread finishes on its own.
+            cancel.set()
+            del worker
+
+    @_envelope_stream_errors
+    async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Streaming generation; call with handle.options(stream=True)."""
+        async for event in self._events(request):
+            yield event
+
+    @_envelope_errors
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer at once."""
+        content, reasoning, result = [], [], {}
+        async for event in self._events(request):
+            if event["type"] == "delta":
+                content.append(event["content"])
+                reasoning.append(event["reasoning"])
+            elif event["type"] == "end":
+                result = event
         return {
-            "text": generation.text,
-            "finish_reason": generation.finish_reason,
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "output_sha256": _digest(generation.text),
+            "content": "".join(content),
+            "reasoning": "".join(reasoning),
+            "finish_reason": result["finish_reason"],
+            "prompt_tokens": result["prompt_tokens"],
+            "completion_tokens": result["completion_tokens"],
+            "time_to_first_token_s": result["time_to_first_token_s"],
         }
 
     # --- imaging ---------------------------------------------------------

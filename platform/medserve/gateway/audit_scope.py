@@ -9,6 +9,7 @@ answer that cannot be accounted for is not given.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import logging
@@ -50,6 +51,8 @@ class AuditScope:
     output_sha256: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning_sha256: str | None = None
+    finish_reason: str | None = None
     context: dict[str, str | None] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     # Rollouts: the arm that answered, the candidate to mirror to (never
@@ -72,6 +75,28 @@ class AuditScope:
             shadow_of=self.id,
         )
 
+    # Timing hooks for metrics (not stored whole): seconds from the request's
+    # arrival to its first generated token, and between successive tokens.
+    time_to_first_token_s: float | None = None
+    inter_token_latencies_s: list[float] = field(default_factory=list)
+    _last_token_at: float | None = None
+
+    def observe_tokens(self, count: int, now: float | None = None) -> None:
+        """Record that count generated tokens arrived now (together: their gap is shared evenly)."""
+        if count <= 0:
+            return
+        now = time.perf_counter() if now is None else now
+        if self._last_token_at is None:
+            self.time_to_first_token_s = now - self.started
+            count -= 1
+        else:
+            gap = (now - self._last_token_at) / count
+            self.inter_token_latencies_s.extend([gap] * count)
+            count = 0
+        if count > 0:  # the first arrival carried more than one token
+            self.inter_token_latencies_s.extend([0.0] * count)
+        self._last_token_at = now
+
     def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
         principal, entry = self.principal, self.entry
         return {
@@ -93,6 +118,11 @@ class AuditScope:
             "output_sha256": self.output_sha256,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "reasoning_sha256": self.reasoning_sha256,
+            "finish_reason": self.finish_reason,
+            "time_to_first_token_ms": (
+                None if self.time_to_first_token_s is None else round(self.time_to_first_token_s * 1000.0, 3)
+            ),
             "patient_pseudonym": self.context.get("patient"),
             "encounter_pseudonym": self.context.get("encounter"),
             "clinician_pseudonym": self.context.get("clinician"),
@@ -130,14 +160,19 @@ class AuditRecorder:
         try:
             yield audit
         except MedserveError as error:
-            await self._write_quietly(audit.to_record(error.http_status, error.code, _outcome_of(error)))
+            record = audit.to_record(error.http_status, error.code, _outcome_of(error))
+            await asyncio.shield(self._write_quietly(record))
             raise
         except BaseException as error:
-            # CancelledError: the client went away before the answer.
-            cancelled = type(error).__name__ == "CancelledError"
+            # CancelledError: the client went away before the answer. GeneratorExit:
+            # a streamed answer's generator was closed before its end (same cause).
+            cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
+            if cancelled:
+                audit.finish_reason = "cancelled"
             record = audit.to_record(499 if cancelled else 500, None if cancelled else "internal_error",
                                      "cancelled" if cancelled else "error")
-            await self._write_quietly(record)
+            # Shielded: a second cancellation must not lose the record.
+            await asyncio.shield(self._write_quietly(record))
             raise
         else:
             await self._writer.write(audit.to_record(200, None, "ok"), durable=self._durable)

@@ -23,6 +23,9 @@ class CatalogEntry(BaseModel):
     deployment_name: str = Field(default="ModelServer", description="Deployment inside that application.")
     departments: list[str] = Field(default_factory=list, description="Departments allowed; empty: all.")
     max_output_tokens: int = Field(default=512, description="Cap on generated tokens.")
+    reasoning_to_client: bool = Field(
+        default=False, description="Whether the split-off reasoning_content reaches the caller."
+    )
     deployment: str = Field(description="Deployment spec name.")
     max_in_flight: int | None = Field(
         default=None,

@@ -7,9 +7,11 @@ keeping it out of the route modules lets each protocol live in its own file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -27,7 +29,7 @@ from medserve.errors import (
     VersionNotApprovedError,
     error_from_payload,
 )
-from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope
+from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope, sha256_hex
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
@@ -109,6 +111,7 @@ class GatewayState:
         self.routes = RouteTable(self.database_url, self.catalog, self.settings.rollout_cache_seconds)
         self._handles: dict[str, Any] = {}
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._stream_handles: dict[str, Any] = {}
 
     def close(self) -> None:
         self.writer.close()
@@ -155,7 +158,9 @@ class GatewayState:
         except Exception:  # noqa: BLE001 - a shadow must never affect the answered request
             record = scope.to_record(500, "internal_error", "error")
         else:
-            scope.output_sha256 = result.get("output_sha256")
+            # LLM engines return text; the gateway digests it (as for answered calls).
+            content = result.get("content")
+            scope.output_sha256 = result.get("output_sha256") or (sha256_hex(content) if content is not None else None)
             scope.output_label = result.get("top_label")
             record = scope.to_record(200, None, "ok")
         await self.recorder.write_shadow(record)
@@ -260,6 +265,8 @@ class GatewayState:
                 result = await self._call(entry, method, *args)
         if principal is not None and self.token_budget.enabled and "prompt_tokens" in result:
             self.token_budget.add(principal, int(result["prompt_tokens"]) + int(result.get("completion_tokens", 0)))
+        if audit is not None and isinstance(result.get("top_label"), str):
+            audit.output_label = result["top_label"][:64]
         return result
 
     async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
@@ -275,9 +282,51 @@ class GatewayState:
             raise ModelUnavailableError(model=entry.model_name) from None
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
-        if audit is not None and isinstance(result, dict) and isinstance(result.get("top_label"), str):
-            audit.output_label = result["top_label"][:64]
         return result
+
+    async def stream(self, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
+        """Items of a streaming engine method, within the request timeout.
+
+        Closing this generator early (the client went away) cancels the call
+        on the replica, which stops the generation.
+        """
+        handle = self._stream_handles.get(entry.app_name)
+        if handle is None:
+            handle = self._handle(entry).options(stream=True)
+            self._stream_handles[entry.app_name] = handle
+        principal = _current_principal.get()
+        if principal is not None:
+            # Checked before the stream starts; its audited tokens count
+            # towards the caller's later requests.
+            await self.check_token_budget(principal, entry)
+        gate = self.gate(entry)
+        slot = gate.slot(self.priority_class()) if gate is not None else contextlib.nullcontext()
+        async with slot:
+            async for item in self._stream(handle, entry, method, *args):
+                yield item
+
+    async def _stream(self, handle: Any, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
+        responses = getattr(handle, method).remote(*args)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(responses.__anext__(), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise ModelTimeoutError(model=entry.model_name) from None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
+                    logger.warning("stream from %s failed: %s", entry.app_name, type(error).__name__)
+                    raise ModelUnavailableError(model=entry.model_name) from None
+                if isinstance(item, dict) and "error" in item:
+                    raise error_from_payload(item)
+                yield item
+        finally:
+            responses.cancel()
 
 
 def _route_path(request: Request) -> str:

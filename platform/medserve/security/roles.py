@@ -61,6 +61,7 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     ("GET", "/v1/models"): Permission.LIST_MODELS,
     ("GET", "/v2/models/{name}"): Permission.LIST_MODELS,
     ("POST", "/v1/chat/completions"): Permission.INFER,
+    ("POST", "/v1/completions"): Permission.INFER,
     ("POST", "/v1/imaging/{name}"): Permission.INFER,
     ("POST", "/v2/models/{name}/infer"): Permission.INFER,
     ("GET", "/v1/pipelines"): Permission.LIST_MODELS,

@@ -1,59 +1,200 @@
-"""OpenAI-compatible chat completions."""
+"""OpenAI-compatible chat and text completions, whole or streamed as server-sent events.
+
+One exchange is one async generator that holds the audit scope open from the
+first byte of the request to the last event of the answer, so a streamed
+answer is audited exactly once, when it ends: answered, failed, timed out or
+cancelled by a client that went away. Everything that can refuse the request
+(authentication, validation, the prompt length check on the replica) happens
+before the first event, so those refusals are still plain JSON errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncGenerator
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from medserve.errors import OperationNotSupportedError
-from medserve.gateway.audit_scope import sha256_hex
+from medserve.errors import MedserveError
+from medserve.gateway.audit_scope import AuditScope, sha256_hex
+from medserve.gateway.catalog import CatalogEntry
+from medserve.gateway.sse import DONE, EventStreamResponse, sse_event
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
-from medserve.protocols.openai import ChatCompletionRequest, ChatCompletionResponse
+from medserve.protocols.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkWriter,
+    CompletionRequest,
+    CompletionResponse,
+    GenerationRequest,
+    usage,
+)
 
 router = APIRouter(tags=["llm"])
 
+Kind = Literal["chat", "completion"]
+REQUEST_MODELS: dict[str, type[GenerationRequest]] = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
+
 
 @router.post("/v1/chat/completions", openapi_extra=json_body_schema(ChatCompletionRequest))
-async def chat_completions(request: Request, gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
-    async with gateway.recorder.scope("chat.completions", None, request.headers) as audit:
-        audit.principal = await gateway.principal(request)
-        body = await gateway.read_body(request)
-        audit.input_sha256 = sha256_hex(body)
-        chat = parse_json_body(ChatCompletionRequest, body)
-        audit.model_name = chat.model
-        entry = gateway.authorize_model(audit.principal, chat.model, task="llm")
-        entry = await gateway.route(entry, audit)
-        if chat.stream:
-            raise OperationNotSupportedError("streaming is not available yet", model=entry.model_name)
-        params = {
-            "max_tokens": chat.token_budget(entry.max_output_tokens),
-            "temperature": chat.temperature,
-            "top_p": chat.top_p,
-            "stop": chat.stop_list(),
-            "seed": chat.seed,
-        }
-        messages = [message.model_dump(exclude_none=True) for message in chat.messages]
-        result = await gateway.call(entry, "chat", {"messages": messages, "params": params}, audit=audit)
-        audit.output_sha256 = result["output_sha256"]
-        audit.prompt_tokens = result["prompt_tokens"]
-        audit.completion_tokens = result["completion_tokens"]
-        response = ChatCompletionResponse(
-            model=entry.model_name,
-            choices=[
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
-                    "finish_reason": result["finish_reason"],
-                }
-            ],
-            usage={
-                "prompt_tokens": result["prompt_tokens"],
-                "completion_tokens": result["completion_tokens"],
-                "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-            },
-            system_fingerprint=f"{entry.model_name}@{entry.model_version}",
-            medserve={
-                "inference_id": str(audit.id),
-                "model_version": entry.model_version,
-                "artifact_sha256": entry.artifact_sha256,
-            },
-        )
-    return JSONResponse(response.model_dump(), headers=provenance_headers(str(audit.id), entry))
+async def chat_completions(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
+    return await _answer(request, gateway, "chat")
+
+
+@router.post("/v1/completions", openapi_extra=json_body_schema(CompletionRequest))
+async def completions(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
+    return await _answer(request, gateway, "completion")
+
+
+async def _answer(request: Request, gateway: GatewayState, kind: Kind) -> Response:
+    exchange = _exchange(request, gateway, kind)
+    # Runs the exchange up to its answer (whole) or its first event (streamed);
+    # a refusal before that raises here and becomes a JSON error.
+    first = await exchange.__anext__()
+    if isinstance(first, Response):
+        await exchange.aclose()
+        return first
+    return EventStreamResponse(exchange, headers=first)
+
+
+def _engine_request(kind: Kind, generation: GenerationRequest, entry: CatalogEntry) -> dict[str, Any]:
+    payload: dict[str, Any] = {"kind": kind, "params": generation.params(entry.max_output_tokens)}
+    if isinstance(generation, ChatCompletionRequest):
+        payload["messages"] = [message.model_dump(exclude_none=True) for message in generation.messages]
+    else:
+        assert isinstance(generation, CompletionRequest)
+        payload["prompt"] = generation.prompt_text()
+    return payload
+
+
+def _extensions(audit: AuditScope, entry: CatalogEntry) -> dict[str, Any]:
+    return {"inference_id": str(audit.id), "model_version": entry.model_version,
+            "artifact_sha256": entry.artifact_sha256}
+
+
+def _fingerprint(entry: CatalogEntry) -> str:
+    return f"{entry.model_name}@{entry.model_version}"
+
+
+class _Digests:
+    """Running sha256 of the answer and of the reasoning, kept current on the audit scope."""
+
+    def __init__(self, audit: AuditScope) -> None:
+        self._audit = audit
+        self._content = hashlib.sha256()
+        self._reasoning = hashlib.sha256()
+        audit.output_sha256 = self._content.hexdigest()
+
+    def add(self, content: str, reasoning: str) -> None:
+        if content:
+            self._content.update(content.encode())
+            self._audit.output_sha256 = self._content.hexdigest()
+        if reasoning:
+            self._reasoning.update(reasoning.encode())
+            self._audit.reasoning_sha256 = self._reasoning.hexdigest()
+
+
+async def _exchange(
+    request: Request, gateway: GatewayState, kind: Kind
+) -> AsyncGenerator[Response | dict[str, str] | bytes, None]:
+    """Yields the whole Response, or: the stream's headers, then SSE frames."""
+    operation = "chat.completions" if kind == "chat" else "completions"
+    started = False
+    try:
+        async with gateway.recorder.scope(operation, None, request.headers) as audit:
+            audit.principal = await gateway.principal(request)
+            body = await gateway.read_body(request)
+            audit.input_sha256 = sha256_hex(body)
+            generation = parse_json_body(REQUEST_MODELS[kind], body)
+            audit.model_name = generation.model
+            entry = gateway.authorize_model(audit.principal, generation.model, task="llm")
+            # The version that answers (canary split, sticky per patient); sets audit.entry.
+            entry = await gateway.route(entry, audit)
+            payload = _engine_request(kind, generation, entry)
+            if not generation.stream:
+                response = await _whole(gateway, entry, kind, payload, audit)
+            else:
+                events = gateway.stream(entry, "generate_stream", payload)
+                try:
+                    # The replica checks the prompt before its first event.
+                    start = await events.__anext__()
+                    audit.prompt_tokens = start.get("prompt_tokens")
+                    audit.completion_tokens = 0
+                    started = True
+                    yield provenance_headers(str(audit.id), entry)
+                    async for frame in _frames(events, kind, generation, entry, audit):
+                        yield frame
+                finally:
+                    await events.aclose()
+    except MedserveError as error:
+        if not started:
+            raise
+        # Headers are sent: the error travels as the stream's last event.
+        yield sse_event(error.to_payload())
+        return
+    if not generation.stream:
+        yield response
+        return
+    yield DONE
+
+
+async def _frames(
+    events: AsyncGenerator[dict[str, Any], None],
+    kind: Kind,
+    generation: GenerationRequest,
+    entry: CatalogEntry,
+    audit: AuditScope,
+) -> AsyncGenerator[bytes, None]:
+    writer = ChunkWriter(kind, entry.model_name, _fingerprint(entry), generation.include_usage)
+    digests = _Digests(audit)
+    show_reasoning = kind == "chat" and entry.reasoning_to_client
+    async for event in events:
+        if event["type"] == "delta":
+            audit.observe_tokens(event["tokens"])
+            audit.completion_tokens = (audit.completion_tokens or 0) + event["tokens"]
+            digests.add(event["content"], event["reasoning"])
+            reasoning = event["reasoning"] if show_reasoning and event["reasoning"] else None
+            if event["content"] or reasoning:
+                yield sse_event(writer.delta(event["content"], reasoning))
+        elif event["type"] == "end":
+            audit.prompt_tokens = event["prompt_tokens"]
+            audit.completion_tokens = event["completion_tokens"]
+            audit.finish_reason = event["finish_reason"]
+            yield sse_event(writer.finish(event["finish_reason"]))
+            if generation.include_usage:
+                yield sse_event(writer.usage(event["prompt_tokens"], event["completion_tokens"]))
+
+
+async def _whole(
+    gateway: GatewayState, entry: CatalogEntry, kind: Kind, payload: dict[str, Any], audit: AuditScope
+) -> Response:
+    # audit: a shadow candidate, when a shadow rollout runs, gets the same call.
+    result = await gateway.call(entry, "generate", payload, audit=audit)
+    digests = _Digests(audit)
+    digests.add(result["content"], result["reasoning"])
+    audit.prompt_tokens = result["prompt_tokens"]
+    audit.completion_tokens = result["completion_tokens"]
+    audit.finish_reason = result["finish_reason"]
+    # Whole answers: the replica measured its first token (no per-token arrivals here).
+    audit.time_to_first_token_s = result.get("time_to_first_token_s")
+    common = {
+        "model": entry.model_name,
+        "usage": usage(result["prompt_tokens"], result["completion_tokens"]),
+        "system_fingerprint": _fingerprint(entry),
+        "medserve": _extensions(audit, entry),
+    }
+    if kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": result["content"]}
+        if entry.reasoning_to_client:
+            message["reasoning_content"] = result["reasoning"] or None
+        body = ChatCompletionResponse(
+            choices=[{"index": 0, "message": message, "finish_reason": result["finish_reason"]}], **common
+        ).model_dump()
+    else:
+        body = CompletionResponse(
+            choices=[{"index": 0, "text": result["content"], "finish_reason": result["finish_reason"]}], **common
+        ).model_dump()
+    return JSONResponse(body, headers=provenance_headers(str(audit.id), entry))
+
