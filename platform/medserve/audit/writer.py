@@ -12,11 +12,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
 from sqlalchemy import insert
 
+from medserve import metrics
 from medserve.db.engine import get_engine
 from medserve.db.models import AuditRecord
 from medserve.errors import AuditUnavailableError
@@ -85,14 +87,19 @@ class AuditWriter:
         while True:
             batch, stop = self._take_batch()
             if batch:
+                started = time.perf_counter()
                 try:
                     with engine.begin() as connection:
                         connection.execute(insert(table), [record for record, _ in batch])
                 except Exception as error:  # noqa: BLE001
                     logger.error("audit write of %d records failed: %s", len(batch), type(error).__name__)
+                    metrics.record_audit_commit(records=len(batch), failed=True,
+                                                duration_s=time.perf_counter() - started)
                     for _, future in batch:
                         future.set_exception(error)
                 else:
+                    metrics.record_audit_commit(records=len(batch), failed=False,
+                                                duration_s=time.perf_counter() - started)
                     for _, future in batch:
                         future.set_result(None)
             if stop:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from medserve import metrics
 from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine
 from medserve.engines.loader import load_engine
 from medserve.errors import (
@@ -60,6 +61,15 @@ class ModelServer:
     def __init__(self, spec: dict[str, Any], allow_unpinned: bool = False) -> None:
         self.spec = DeploymentSpec.model_validate(spec)
         self.engine, self.artifact_sha256 = load_engine(self.spec, allow_unpinned=allow_unpinned)
+        model = self.spec.model
+        self._sampler = metrics.engine_sampler(
+            model=model.name, version=model.version, sha256=self.artifact_sha256, engine=model.engine
+        ).start()
+
+    def __del__(self) -> None:
+        sampler = getattr(self, "_sampler", None)
+        if sampler is not None:
+            sampler.stop()
 
     # --- LLM -------------------------------------------------------------
 

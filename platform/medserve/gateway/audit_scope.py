@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from medserve import metrics
 from medserve.audit.writer import AuditWriter
 from medserve.db.models import utcnow
 from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
@@ -47,6 +48,9 @@ class AuditScope:
     completion_tokens: int | None = None
     context: dict[str, str | None] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    # A streaming route sets this and observes time to first token itself;
+    # for a non-streamed LLM answer the first token arrives with the whole answer.
+    streamed: bool = False
 
     def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
         principal, entry = self.principal, self.entry
@@ -76,6 +80,27 @@ class AuditScope:
         }
 
 
+def _record_metrics(audit: AuditScope, http_status: int) -> None:
+    """Request metrics once the record is written (so latency includes the audit commit).
+
+    Labels stay bounded: model and version come from the catalog entry only,
+    never from what the caller asked for.
+    """
+    entry, principal = audit.entry, audit.principal
+    model = entry.model_name if entry else None
+    version = entry.model_version if entry else None
+    duration_s = time.perf_counter() - audit.started
+    metrics.record_request(
+        model=model, version=version, operation=audit.operation, status=http_status,
+        department=principal.department if principal else None, duration_s=duration_s,
+    )
+    if entry is not None and entry.task == "llm":
+        metrics.record_tokens(model=entry.model_name, version=entry.model_version,
+                              prompt=audit.prompt_tokens, completion=audit.completion_tokens)
+        if http_status == 200 and not audit.streamed:
+            metrics.observe_time_to_first_token(entry.model_name, entry.model_version, duration_s, streamed=False)
+
+
 def _outcome_of(error: MedserveError) -> str:
     if isinstance(error, (AuthenticationError, PermissionDeniedError)):
         return "denied"
@@ -97,7 +122,9 @@ class AuditRecorder:
         try:
             yield audit
         except MedserveError as error:
-            await self._write_quietly(audit.to_record(error.http_status, error.code, _outcome_of(error)))
+            record = audit.to_record(error.http_status, error.code, _outcome_of(error))
+            await self._write_quietly(record)
+            _record_metrics(audit, record["http_status"])
             raise
         except BaseException as error:
             # CancelledError: the client went away before the answer.
@@ -105,9 +132,17 @@ class AuditRecorder:
             record = audit.to_record(499 if cancelled else 500, None if cancelled else "internal_error",
                                      "cancelled" if cancelled else "error")
             await self._write_quietly(record)
+            _record_metrics(audit, record["http_status"])
             raise
         else:
-            await self._writer.write(audit.to_record(200, None, "ok"), durable=self._durable)
+            record = audit.to_record(200, None, "ok")
+            try:
+                await self._writer.write(record, durable=self._durable)
+            except AuditUnavailableError as error:
+                # The answer is withheld: count what the caller gets (503).
+                _record_metrics(audit, error.http_status)
+                raise
+            _record_metrics(audit, 200)
 
     async def _write_quietly(self, record: dict[str, Any]) -> None:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 from ray import serve
 
+from medserve import metrics
 from medserve.audit.writer import AuditWriter
 from medserve.errors import (
     ModelTimeoutError,
@@ -45,8 +46,11 @@ class GatewayState:
             self.writer, self.settings.pseudonym_key_bytes(), durable=self.settings.audit_durability == "strict"
         )
         self._handles: dict[str, Any] = {}
+        metrics.init_audit_counters()
+        self.sampler = metrics.gateway_sampler(lambda: self.writer.queue_depth).start()
 
     def close(self) -> None:
+        self.sampler.stop()
         self.writer.close()
 
     # --- callers -------------------------------------------------------------
