@@ -7,8 +7,11 @@ arrives (bounded by a deadline) rather than sleeping a fixed time.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +196,38 @@ def test_medserve_and_ray_serve_metrics_share_the_node_export(prometheus: LocalP
     assert {"cardiology", "radiology", "none"} <= departments
     for sample in series:  # no free text: model/version only from the catalog
         assert sample["metric"]["model"] in {SMOL, TUMOUR, "none"}
+
+
+def test_up_prints_the_metrics_endpoints_and_starts_prometheus_that_down_stops(platform: Platform):
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (Debian package `prometheus`; .ci/run installs it)")
+    port = free_port()
+    env = {**os.environ, **platform.env, "RAY_ADDRESS": platform.target.dashboard_url,
+           "MEDSERVE_DEPLOYMENTS_DIR": str(platform.repo_root / "deployments"), "MEDSERVE_PROMETHEUS_PORT": str(port),
+           # The CLI runs the medserve source under test, not an installed copy.
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(platform.repo_root / "platform"),
+                                                       os.environ.get("PYTHONPATH")]))}
+
+    def medserve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "medserve.cli.main", *args], env=env, capture_output=True,
+                              text=True, timeout=600, cwd=platform.repo_root)
+
+    targets = metrics_targets(platform.target.dashboard_url, platform.env.get("RAY_AUTH_TOKEN") or None)
+    try:
+        up = medserve("up", "--detach", "--with-prometheus")
+        assert up.returncode == 0, up.stderr[-3000:]
+        for target in targets:
+            assert f"http://{target}/metrics" in up.stdout
+        assert f"Prometheus: http://127.0.0.1:{port}" in up.stdout
+        ready = httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=10.0)
+        assert ready.status_code == 200
+        rules = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10.0).json()["data"]["groups"]
+        assert {group["name"] for group in rules} == {"medserve-recording", "medserve-alerts"}
+
+        down = medserve("down")
+        assert down.returncode == 0 and "Prometheus stopped." in down.stdout, down.stdout + down.stderr
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2.0)
+    finally:
+        stop_prometheus(platform.settings.resolved_home / "prometheus")  # when `down` did not get to it
+        platform.apply()  # later tests expect the catalog to be served
