@@ -196,6 +196,12 @@ def test_medserve_and_ray_serve_metrics_share_the_node_export(prometheus: LocalP
     assert {"cardiology", "radiology", "none"} <= departments
     for sample in series:  # no free text: model/version only from the catalog
         assert sample["metric"]["model"] in {SMOL, TUMOUR, "none"}
+    # Gauges name the Serve replica (Ray merges same-labelled gauges on a node).
+    info = _query(prometheus, "ray_medserve_model_info")["result"]
+    assert {s["metric"]["model"] for s in info} >= {SMOL, TUMOUR}
+    assert all(not s["metric"]["replica"].startswith("pid-") for s in info)
+    queue = _query(prometheus, "ray_medserve_audit_queue_depth")["result"]
+    assert queue and all(not s["metric"]["replica"].startswith("pid-") for s in queue)
 
 
 def test_up_prints_the_metrics_endpoints_and_starts_prometheus_that_down_stops(platform: Platform):
