@@ -316,17 +316,33 @@ def set_model_info(*, model: str, version: str, sha256: str | None, engine: str)
             engine=bounded(engine), replica=replica_id())
 
 
+_nvml: Any = None
+_nvml_tried = False
+
+
+def _nvml_module() -> Any:
+    """pynvml, initialised once; None without pynvml or an NVIDIA driver (GPU metrics are optional)."""
+    global _nvml, _nvml_tried
+    if not _nvml_tried:
+        _nvml_tried = True
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            _nvml = pynvml
+        except Exception:  # noqa: BLE001
+            _nvml = None
+    return _nvml
+
+
 def sample_gpus(model: str) -> int:
     """Export NVML memory and utilisation for the GPUs this process sees; 0 when none (or no pynvml)."""
-    try:
-        import pynvml  # type: ignore[import-not-found]
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - optional: no pynvml, no driver, no GPU
+    pynvml = _nvml_module()
+    if pynvml is None:
         return 0
     replica = replica_id()
-    count = pynvml.nvmlDeviceGetCount()
-    for index in range(count):
+    indices = _visible_gpus(pynvml.nvmlDeviceGetCount())
+    for index in indices:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         utilization = pynvml.nvmlDeviceGetUtilizationRates(handle)
@@ -334,7 +350,15 @@ def sample_gpus(model: str) -> int:
         _record(GPU_MEMORY_USED, memory.used, **labels)
         _record(GPU_MEMORY_TOTAL, memory.total, **labels)
         _record(GPU_UTILIZATION, utilization.gpu / 100.0, **labels)
-    return count
+    return len(indices)
+
+
+def _visible_gpus(count: int) -> list[int]:
+    """The GPUs Ray assigned to this replica (CUDA_VISIBLE_DEVICES); NVML itself sees the whole node."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    return [int(item) for item in visible.split(",") if item.strip().isdigit() and int(item) < count]
 
 
 class Sampler:

@@ -200,3 +200,12 @@ def test_audit_writer_counts_commits_and_failures(recording, database_url: str, 
     broken.close()
     ((value, labels),) = recording.named("medserve_audit_write_failures_total")
     assert value == 1 and labels == {}
+
+
+def test_gpu_metrics_cover_only_the_replicas_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert metrics._visible_gpus(8) == [2, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert metrics._visible_gpus(8) == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert metrics._visible_gpus(2) == [0, 1]
