@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         default=8265, ge=1, le=65535, description="Dashboard (Serve REST API) port of a Ray that `up` starts."
     )
     ray_head_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of a Ray that `up` starts.")
+    prometheus_port: int = Field(
+        default=9090, ge=1, le=65535,
+        description="Loopback port of the Prometheus that `up --with-prometheus` starts.",
+    )
     ray_num_cpus: int | None = Field(
         default=None,
         gt=0,

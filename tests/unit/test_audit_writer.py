@@ -197,3 +197,14 @@ def test_a_writer_that_never_reached_the_database_hands_its_spool_on(unmigrated_
     assert result.ok, result.problems
     assert result.chains == 2  # the second writer's chain opened and closed empty
     assert not list(spool.glob("*.jsonl"))
+
+
+def test_a_malformed_record_is_refused_alone_and_the_writer_keeps_working(audit_db_url):
+    writer = AuditWriter(audit_db_url, signing_key=KEY)
+    try:
+        with pytest.raises(AuditUnavailableError):
+            asyncio.run(writer.write({"id": uuid.uuid4()}, durable=True))  # no created_at: cannot be hashed
+        asyncio.run(writer.write(_record(), durable=True))
+    finally:
+        writer.close()
+    assert _count(audit_db_url) == 1

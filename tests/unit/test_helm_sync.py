@@ -120,6 +120,8 @@ def test_dashboard_and_rule_templates_with_sample_files(tmp_path):
     """The mechanism itself, on a scratch chart with a sample dashboard and rule file."""
     chart = tmp_path / "medserve"
     shutil.copytree(CHART, chart)
+    for shipped in [*(chart / "dashboards").glob("*.json"), *(chart / "files" / "prometheus-rules").glob("*.yaml")]:
+        shipped.unlink()  # only the sample files below
     sample = {"title": "Sample", "uid": "sample", "panels": []}
     (chart / "dashboards" / "Sample_Board.json").write_text(json.dumps(sample))
     # Prometheus' own {{ $labels }} templating must pass through Helm untouched.

@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine
 
+from medserve import metrics
 from medserve.audit.chain import Chain
 from medserve.db.engine import get_engine
 from medserve.db.models import AuditCheckpoint, AuditRecord, utcnow
@@ -399,7 +400,21 @@ class AuditWriter:
     def _persist_batch(self, batch: list[_Item], stop: bool) -> None:
         chain = self._chain
         saved = (chain.seq, chain.last_hash, chain.since_checkpoint)
-        records = [chain.link(item[0]) for item in batch]
+        records, linked = [], []
+        for item in batch:
+            # A malformed record (a bug upstream) is refused alone; it must not
+            # take the writer thread down with it, or every later durable write
+            # would wait forever.
+            link_state = (chain.seq, chain.last_hash, chain.since_checkpoint)
+            try:
+                records.append(chain.link(item[0]))
+            except Exception as error:  # noqa: BLE001
+                chain.seq, chain.last_hash, chain.since_checkpoint = link_state
+                logger.error("malformed audit record refused (%s)", type(error).__name__)
+                _settle([item], False)
+            else:
+                linked.append(item)
+        batch = linked
         checkpoints = list(self._pending_checkpoints)
         if chain.since_checkpoint >= self._checkpoint_every or (stop and records) or (stop and chain.seq):
             checkpoints.append(chain.checkpoint("close" if stop else "periodic", utcnow()))
@@ -419,10 +434,13 @@ class AuditWriter:
 
     def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
         if self._spooled_entries() == 0:
+            started = time.perf_counter()
             try:
                 self._insert(records, checkpoints)
+                metrics.record_audit_commit(records=len(records), failed=False, duration_s=time.perf_counter() - started)
                 return
             except Exception as error:  # noqa: BLE001
+                metrics.record_audit_commit(records=len(records), failed=True, duration_s=time.perf_counter() - started)
                 self._write_failures += 1
                 self._last_attempt = time.monotonic()
                 if self._spool_dir is None:
@@ -475,6 +493,7 @@ class AuditWriter:
         spools = list(self._orphans) + ([self._own_spool] if self._own_spool and self._own_spool.entries else [])
         for spool in spools:
             entries = spool.read()
+            started = time.perf_counter()
             try:
                 with self._engine.begin() as connection:
                     for start in range(0, len(entries), _REPLAY_CHUNK):
@@ -486,11 +505,13 @@ class AuditWriter:
                         if checkpoints:
                             connection.execute(self._checkpoints, checkpoints)
             except Exception as error:  # noqa: BLE001
+                metrics.record_audit_commit(records=spool.pending, failed=True, duration_s=time.perf_counter() - started)
                 self._write_failures += 1
                 logger.warning("audit spool replay still failing (%s); %d records wait in the spool",
                                _error_name(error), self.spool_records)
                 return
             replayed = spool.pending
+            metrics.record_audit_commit(records=replayed, failed=False, duration_s=time.perf_counter() - started)
             self._records_committed += replayed
             if spool is self._own_spool:
                 spool.clear()

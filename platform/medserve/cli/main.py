@@ -381,10 +381,45 @@ def _remote_dashboard_url(ray_address: str) -> str:
     return f"http://{host}:8265"
 
 
+PROMETHEUS_DIR = "prometheus"
+
+
+def _show_metrics(settings: Settings, dashboard_url: str, token: str | None, with_prometheus: bool) -> None:
+    """Print each node's metrics endpoint; with_prometheus: start a local Prometheus scraping them."""
+    import shutil
+
+    from medserve.controlplane.prometheus import default_rule_files, metrics_targets, start_prometheus
+
+    try:
+        targets = metrics_targets(dashboard_url, token)
+    except MedserveError as error:
+        click.echo(f"metrics: {error.message}", err=True)
+        return
+    click.echo("metrics (medserve's as ray_medserve_*, beside Ray's and Ray Serve's), one endpoint per Ray node:")
+    for target in targets:
+        click.echo(f"  http://{target}/metrics")
+    if not with_prometheus:
+        click.echo("  (dashboards and alert rules: monitoring/; `up --with-prometheus` starts a local Prometheus)")
+        return
+    if shutil.which("prometheus") is None:
+        click.echo("  --with-prometheus: prometheus is not installed (Debian: apt-get install prometheus)", err=True)
+        return
+    rule_files = default_rule_files(Path.cwd())
+    try:
+        server = start_prometheus(settings.resolved_home / PROMETHEUS_DIR, targets, port=settings.prometheus_port,
+                                  rule_files=rule_files)
+    except MedserveError as error:
+        click.echo(f"  --with-prometheus: {error.message}", err=True)
+        return
+    click.echo(f"Prometheus: {server.url}  ({len(rule_files)} rule file(s) loaded; data in {server.directory})")
+
+
 @cli.command()
 @click.option("--detach", is_flag=True, help="Return once serving instead of waiting for Ctrl-C.")
 @click.option("--deployments", "deployments_dir", type=click.Path(path_type=Path), default=None)
-def up(detach: bool, deployments_dir: Path | None) -> None:
+@click.option("--with-prometheus", is_flag=True,
+              help="Also start a local Prometheus (when installed) scraping the platform; `down` stops it.")
+def up(detach: bool, deployments_dir: Path | None, with_prometheus: bool) -> None:
     """Upgrade the database, start Ray, apply the catalog, serve the gateway."""
     from medserve.controlplane.local_ray import start_local_ray
     from medserve.controlplane.reconcile import apply_catalog
@@ -436,6 +471,7 @@ def up(detach: bool, deployments_dir: Path | None) -> None:
     click.echo(f"demo API key (clinical-app): {demo_key}")
     click.echo(f'try: curl -H "Authorization: Bearer {demo_key}" {base}/v1/models')
     click.echo(f"Ray dashboard: {dashboard_url}")
+    _show_metrics(settings, dashboard_url, token, with_prometheus)
     if detach:
         click.echo("Detached; stop with `medserve down`.")
         return
@@ -460,6 +496,10 @@ def up(detach: bool, deployments_dir: Path | None) -> None:
 
 def _shutdown(settings: Settings, target: Any, started_ray: bool) -> None:
     from medserve.controlplane.local_ray import stop_local_ray
+    from medserve.controlplane.prometheus import stop_prometheus
+
+    if stop_prometheus(settings.resolved_home / PROMETHEUS_DIR):
+        click.echo("Prometheus stopped.")
 
     try:
         target.delete_all()

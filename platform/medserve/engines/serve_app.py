@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from medserve import metrics
 from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine, Piece, VolumeEngine
 from medserve.engines.loader import load_engine
 from medserve.engines.reasoning import ReasoningSplitter, Split
@@ -86,6 +87,15 @@ class ModelServer:
         self.engine, self.artifact_sha256 = load_engine(self.spec, allow_unpinned=allow_unpinned)
         settings = Settings()  # from the replica's environment, which `up` passes to Ray
         self.image_limits = ImageLimits(settings.max_image_pixels, settings.max_image_side)
+        model = self.spec.model
+        self._sampler = metrics.engine_sampler(
+            model=model.name, version=model.version, sha256=self.artifact_sha256, engine=model.engine
+        ).start()
+
+    def __del__(self) -> None:
+        sampler = getattr(self, "_sampler", None)
+        if sampler is not None:
+            sampler.stop()
 
     # --- LLM -------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from medserve import metrics
 from medserve.audit.writer import AuditWriter
 from medserve.db.models import utcnow
 from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
@@ -97,6 +98,9 @@ class AuditScope:
             self.inter_token_latencies_s.extend([0.0] * count)
         self._last_token_at = now
 
+    # Set by the streaming route: the time-to-first-token metric is labelled with it.
+    streamed: bool = False
+
     def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
         principal, entry = self.principal, self.entry
         return {
@@ -134,6 +138,33 @@ class AuditScope:
         }
 
 
+def _record_metrics(audit: AuditScope, http_status: int) -> None:
+    """Request metrics once the record is written (so latency includes the audit commit).
+
+    Labels stay bounded: model and version come from the catalog entry only,
+    never from what the caller asked for.
+    """
+    entry, principal = audit.entry, audit.principal
+    model = entry.model_name if entry else None
+    version = entry.model_version if entry else None
+    duration_s = time.perf_counter() - audit.started
+    metrics.record_request(
+        model=model, version=version, operation=audit.operation, status=http_status,
+        department=principal.department if principal else None, duration_s=duration_s,
+    )
+    if entry is not None and entry.task == "llm":
+        metrics.record_tokens(model=entry.model_name, version=entry.model_version,
+                              prompt=audit.prompt_tokens, completion=audit.completion_tokens)
+        if http_status == 200 and audit.time_to_first_token_s is not None:
+            # Streams measure it at the gateway as tokens arrive; whole answers
+            # carry the replica's own measurement.
+            metrics.observe_time_to_first_token(
+                entry.model_name, entry.model_version, audit.time_to_first_token_s, streamed=audit.streamed
+            )
+        for gap in audit.inter_token_latencies_s:
+            metrics.observe_inter_token_latency(entry.model_name, entry.model_version, gap)
+
+
 def _outcome_of(error: MedserveError) -> str:
     if isinstance(error, (AuthenticationError, PermissionDeniedError)):
         return "denied"
@@ -162,6 +193,7 @@ class AuditRecorder:
         except MedserveError as error:
             record = audit.to_record(error.http_status, error.code, _outcome_of(error))
             await asyncio.shield(self._write_quietly(record))
+            _record_metrics(audit, record["http_status"])
             raise
         except BaseException as error:
             # CancelledError: the client went away before the answer. GeneratorExit:
@@ -173,9 +205,17 @@ class AuditRecorder:
                                      "cancelled" if cancelled else "error")
             # Shielded: a second cancellation must not lose the record.
             await asyncio.shield(self._write_quietly(record))
+            _record_metrics(audit, record["http_status"])
             raise
         else:
-            await self._writer.write(audit.to_record(200, None, "ok"), durable=self._durable)
+            record = audit.to_record(200, None, "ok")
+            try:
+                await self._writer.write(record, durable=self._durable)
+            except AuditUnavailableError as error:
+                # The answer is withheld: count what the caller gets (503).
+                _record_metrics(audit, error.http_status)
+                raise
+            _record_metrics(audit, 200)
         finally:
             try:
                 current_scope.reset(token)

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from ray import serve
 
+from medserve import metrics
 from medserve.audit.writer import AuditWriter
 from medserve.errors import (
     MedserveError,
@@ -112,8 +113,13 @@ class GatewayState:
         self._handles: dict[str, Any] = {}
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._stream_handles: dict[str, Any] = {}
+        metrics.init_audit_counters()
+        self.sampler = metrics.gateway_sampler(
+            lambda: self.writer.queue_depth, lambda: self.writer.spool_records
+        ).start()
 
     def close(self) -> None:
+        self.sampler.stop()
         self.writer.close()
 
     # --- versions ------------------------------------------------------------

@@ -116,6 +116,7 @@ async def _exchange(
             if not generation.stream:
                 response = await _whole(gateway, entry, kind, payload, audit)
             else:
+                audit.streamed = True
                 events = gateway.stream(entry, "generate_stream", payload)
                 try:
                     # The replica checks the prompt before its first event.

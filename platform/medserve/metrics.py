@@ -1,0 +1,404 @@
+"""Every medserve metric, defined in this one module.
+
+Metrics travel through Ray's own pipeline (``ray.util.metrics``): each replica
+hands its samples to the metrics agent on its node, which Prometheus scrapes
+on that node's metrics export port, beside Ray's and Ray Serve's own metrics.
+Nothing here opens a port, so a replica count or placement change needs no
+new scrape target. Ray prefixes every name with ``ray_`` (the names below are
+exported as ``ray_medserve_...``; see ``exported_name``) and counters end in
+``_total``.
+
+Label names are fixed per metric and label values are bounded: model, version
+and engine come from the catalog (never from the request), operation from
+code, department from the API key (set by an administrator), status is an
+HTTP status code. ``bounded`` folds anything else into ``other``. No patient
+identifier, key secret or free text ever becomes a label.
+
+Where no Ray worker is running (the CLI, unit tests) recording is a no-op, or
+goes to the backend installed with ``use_backend``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+logger = logging.getLogger("medserve.metrics")
+
+RAY_PREFIX = "ray_"
+
+# Request latency spans a 50 ms imaging call to a two-minute LLM answer.
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# Time to first token and between tokens are shorter.
+TOKEN_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+AUDIT_COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str  # as defined; Prometheus sees exported_name
+    kind: Kind
+    description: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
+
+    @property
+    def exported_name(self) -> str:
+        """The name Prometheus stores (counters already end in _total)."""
+        return RAY_PREFIX + self.name
+
+
+_REGISTRY: dict[str, MetricDef] = {}
+
+
+def _define(name: str, kind: Kind, description: str, labels: tuple[str, ...] = (), buckets=None) -> MetricDef:
+    definition = MetricDef(name, kind, description, labels, buckets)
+    assert name not in _REGISTRY, name
+    _REGISTRY[name] = definition
+    return definition
+
+
+def all_metrics() -> list[MetricDef]:
+    return list(_REGISTRY.values())
+
+
+# --- gateway: one sample per inference request (recorded by the audit scope) ---
+REQUESTS = _define(
+    "medserve_requests_total", "counter",
+    "Inference requests that reached the gateway, answered or refused.",
+    ("model", "version", "operation", "status", "department"),
+)
+REQUEST_DURATION = _define(
+    "medserve_request_duration_seconds", "histogram",
+    "Gateway time per inference request, from receipt to the audited answer.",
+    ("model", "version", "operation", "status"), LATENCY_BUCKETS_S,
+)
+LLM_TOKENS = _define(
+    "medserve_llm_tokens_total", "counter",
+    "LLM tokens processed: direction prompt (read) or completion (generated).",
+    ("model", "version", "direction"),
+)
+LLM_TTFT = _define(
+    "medserve_llm_time_to_first_token_seconds", "histogram",
+    "Time from receipt to the first generated token the caller can see (stream=false: the whole answer).",
+    ("model", "version", "stream"), TOKEN_LATENCY_BUCKETS_S,
+)
+LLM_INTER_TOKEN = _define(
+    "medserve_llm_inter_token_latency_seconds", "histogram",
+    "Time between consecutive streamed tokens.",
+    ("model", "version"), TOKEN_LATENCY_BUCKETS_S,
+)
+# --- audit trail -----------------------------------------------------------------
+AUDIT_QUEUE_DEPTH = _define(
+    "medserve_audit_queue_depth", "gauge",
+    "Audit records waiting for the writer thread of one gateway replica.",
+    ("replica",),
+)
+AUDIT_SPOOL_RECORDS = _define(
+    "medserve_audit_spool_records", "gauge",
+    "Audit records held in one gateway replica's local spool, not yet in the database.",
+    ("replica",),
+)
+AUDIT_RECORDS_WRITTEN = _define(
+    "medserve_audit_records_written_total", "counter",
+    "Audit records committed to the database.",
+)
+AUDIT_WRITE_FAILURES = _define(
+    "medserve_audit_write_failures_total", "counter",
+    "Audit records whose database commit failed.",
+)
+AUDIT_COMMIT_DURATION = _define(
+    "medserve_audit_commit_duration_seconds", "histogram",
+    "Time of one audit batch commit.",
+    (), AUDIT_COMMIT_BUCKETS_S,
+)
+# --- engine replicas ---------------------------------------------------------------
+MODEL_INFO = _define(
+    "medserve_model_info", "gauge",
+    "1 for each model version an engine replica is serving.",
+    ("model", "version", "sha256", "engine", "replica"),
+)
+GPU_MEMORY_USED = _define(
+    "medserve_gpu_memory_used_bytes", "gauge",
+    "GPU memory in use on a GPU an engine replica sees (NVML).",
+    ("model", "replica", "gpu"),
+)
+GPU_MEMORY_TOTAL = _define(
+    "medserve_gpu_memory_total_bytes", "gauge",
+    "GPU memory size of a GPU an engine replica sees (NVML).",
+    ("model", "replica", "gpu"),
+)
+GPU_UTILIZATION = _define(
+    "medserve_gpu_utilization_ratio", "gauge",
+    "GPU busy fraction (0-1) of a GPU an engine replica sees (NVML).",
+    ("model", "replica", "gpu"),
+)
+
+# --- bounded label values --------------------------------------------------------
+
+NONE = "none"
+OTHER = "other"
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
+_DIRECTIONS = frozenset({"prompt", "completion"})
+
+
+def bounded(value: object) -> str:
+    """A label value safe to export: short identifier-like text, else 'other'."""
+    if value is None or value == "":
+        return NONE
+    text = str(value)
+    return text if _SAFE.match(text) else OTHER
+
+
+def status_label(status: int) -> str:
+    return str(status) if isinstance(status, int) and 100 <= status <= 599 else OTHER
+
+
+# --- backends --------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    def record(self, definition: MetricDef, value: float, labels: dict[str, str]) -> None: ...
+
+
+class NullBackend:
+    def record(self, definition: MetricDef, value: float, labels: dict[str, str]) -> None:
+        return None
+
+
+class RayBackend:
+    """ray.util.metrics objects, created in the worker on first use."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _object(self, definition: MetricDef) -> Any:
+        existing = self._objects.get(definition.name)
+        if existing is not None:
+            return existing
+        from ray.util import metrics as ray_metrics
+
+        with self._lock:
+            if definition.name not in self._objects:
+                if definition.kind == "counter":
+                    made = ray_metrics.Counter(definition.name, definition.description, definition.labels)
+                elif definition.kind == "gauge":
+                    made = ray_metrics.Gauge(definition.name, definition.description, definition.labels)
+                else:
+                    made = ray_metrics.Histogram(
+                        definition.name, definition.description, list(definition.buckets or ()), definition.labels
+                    )
+                self._objects[definition.name] = made
+            return self._objects[definition.name]
+
+    def record(self, definition: MetricDef, value: float, labels: dict[str, str]) -> None:
+        metric = self._object(definition)
+        tags = labels or None
+        if definition.kind == "counter":
+            if value > 0:
+                metric.inc(value, tags=tags)
+            else:
+                # Create the series at zero, so rate() and alerts see "no
+                # failures" instead of "no data" (Counter.inc refuses 0).
+                metric._record(0.0, tags=tags)
+        elif definition.kind == "gauge":
+            metric.set(value, tags=tags)
+        else:
+            metric.observe(value, tags=tags)
+
+
+_backend: Backend | None = None
+
+
+def use_backend(backend: Backend | None) -> None:
+    """Install a backend (tests); None returns to automatic choice."""
+    global _backend
+    _backend = backend
+
+
+def _current_backend() -> Backend:
+    global _backend
+    if _backend is None:
+        try:
+            import ray
+
+            _backend = RayBackend() if ray.is_initialized() else NullBackend()
+        except Exception:  # noqa: BLE001 - metrics never break a request
+            _backend = NullBackend()
+    return _backend
+
+
+def _record(definition: MetricDef, value: float, **labels: str) -> None:
+    if set(labels) != set(definition.labels):
+        raise ValueError(f"{definition.name} takes labels {definition.labels}, got {tuple(labels)}")
+    try:
+        _current_backend().record(definition, float(value), labels)
+    except Exception:  # noqa: BLE001 - a metrics failure must never fail a request
+        logger.debug("recording %s failed", definition.name, exc_info=True)
+
+
+# --- what the platform calls -----------------------------------------------------
+
+
+def replica_id() -> str:
+    """This Serve replica's id (bounded by the replica count), else the process id."""
+    try:
+        from ray import serve
+
+        return bounded(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - outside a replica
+        return bounded(f"pid-{os.getpid()}")
+
+
+def record_request(
+    *, model: str | None, version: str | None, operation: str, status: int, department: str | None,
+    duration_s: float,
+) -> None:
+    """One inference request, answered or refused; model and version come from the catalog entry."""
+    labels = {"model": bounded(model), "version": bounded(version), "operation": bounded(operation),
+              "status": status_label(status)}
+    _record(REQUESTS, 1, **labels, department=bounded(department))
+    _record(REQUEST_DURATION, max(duration_s, 0.0), **labels)
+
+
+def record_tokens(*, model: str, version: str, prompt: int | None, completion: int | None) -> None:
+    for direction, count in (("prompt", prompt), ("completion", completion)):
+        if count:
+            _record(LLM_TOKENS, count, model=bounded(model), version=bounded(version), direction=direction)
+
+
+def observe_time_to_first_token(model: str, version: str, seconds: float, *, streamed: bool) -> None:
+    """Receipt to first generated token (streams: at the gateway; whole answers: in the replica)."""
+    _record(LLM_TTFT, max(seconds, 0.0), model=bounded(model), version=bounded(version),
+            stream="true" if streamed else "false")
+
+
+def observe_inter_token_latency(model: str, version: str, seconds: float) -> None:
+    """Gap between two consecutive streamed tokens (or chunks) sent to the caller."""
+    _record(LLM_INTER_TOKEN, max(seconds, 0.0), model=bounded(model), version=bounded(version))
+
+
+def record_audit_commit(*, records: int, failed: bool, duration_s: float) -> None:
+    _record(AUDIT_WRITE_FAILURES if failed else AUDIT_RECORDS_WRITTEN, records)
+    _record(AUDIT_COMMIT_DURATION, max(duration_s, 0.0))
+
+
+def init_audit_counters() -> None:
+    """Export the audit counters at zero from the start: 'no failures' is data, not absence."""
+    _record(AUDIT_RECORDS_WRITTEN, 0)
+    _record(AUDIT_WRITE_FAILURES, 0)
+
+
+def set_audit_spool_records(count: int) -> None:
+    """Records now in this process's local audit spool (the sampler exports it per replica)."""
+    _record(AUDIT_SPOOL_RECORDS, max(int(count), 0), replica=replica_id())
+
+
+def set_audit_queue_depth(depth: int) -> None:
+    _record(AUDIT_QUEUE_DEPTH, depth, replica=replica_id())
+
+
+def set_model_info(*, model: str, version: str, sha256: str | None, engine: str) -> None:
+    _record(MODEL_INFO, 1, model=bounded(model), version=bounded(version), sha256=bounded(sha256),
+            engine=bounded(engine), replica=replica_id())
+
+
+_nvml: Any = None
+_nvml_tried = False
+
+
+def _nvml_module() -> Any:
+    """pynvml, initialised once; None without pynvml or an NVIDIA driver (GPU metrics are optional)."""
+    global _nvml, _nvml_tried
+    if not _nvml_tried:
+        _nvml_tried = True
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            _nvml = pynvml
+        except Exception:  # noqa: BLE001
+            _nvml = None
+    return _nvml
+
+
+def sample_gpus(model: str) -> int:
+    """Export NVML memory and utilisation for the GPUs this process sees; 0 when none (or no pynvml)."""
+    pynvml = _nvml_module()
+    if pynvml is None:
+        return 0
+    replica = replica_id()
+    indices = _visible_gpus(pynvml.nvmlDeviceGetCount())
+    for index in indices:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        utilization = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        labels = {"model": bounded(model), "replica": replica, "gpu": str(index)}
+        _record(GPU_MEMORY_USED, memory.used, **labels)
+        _record(GPU_MEMORY_TOTAL, memory.total, **labels)
+        _record(GPU_UTILIZATION, utilization.gpu / 100.0, **labels)
+    return len(indices)
+
+
+def _visible_gpus(count: int) -> list[int]:
+    """The GPUs Ray assigned to this replica (CUDA_VISIBLE_DEVICES); NVML itself sees the whole node."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    return [int(item) for item in visible.split(",") if item.strip().isdigit() and int(item) < count]
+
+
+class Sampler:
+    """A daemon thread that refreshes gauges every few seconds (queue depth, spool, model info, GPU)."""
+
+    def __init__(self, sample: Callable[[], None], interval_s: float = 5.0) -> None:
+        self._sample = sample
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="medserve-metrics-sampler", daemon=True)
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001
+                logger.debug("metrics sample failed", exc_info=True)
+            if self._stop.wait(self._interval_s):
+                return
+
+
+def gateway_sampler(
+    queue_depth: Callable[[], int], spool_records: Callable[[], int], interval_s: float = 5.0
+) -> Sampler:
+    """Gateway replica gauges: audit queue depth and spool size (read from the audit writer)."""
+
+    def sample() -> None:
+        set_audit_queue_depth(queue_depth())
+        set_audit_spool_records(spool_records())
+
+    return Sampler(sample, interval_s)
+
+
+def engine_sampler(*, model: str, version: str, sha256: str | None, engine: str, interval_s: float = 5.0) -> Sampler:
+    """Engine replica gauges: what it serves, and its GPUs when NVML is there."""
+
+    def sample() -> None:
+        set_model_info(model=model, version=version, sha256=sha256, engine=engine)
+        sample_gpus(model)
+
+    return Sampler(sample, interval_s)
