@@ -34,7 +34,8 @@ def make_state(database_url: str, home: Path, **settings: Any):  # type: ignore[
         await asyncio.sleep(0.002)
         return {"outputs": [{"name": "p", "shape": [1], "datatype": "FP32", "data": [0.5]}], "output_sha256": "b" * 64}
 
-    state.call = canned_engine  # type: ignore[method-assign]
+    # Only the hop to an engine replica is canned: routing, quotas and the audit scope stay real.
+    state._call = canned_engine  # type: ignore[method-assign]
     set_gateway(state)
     return state
 

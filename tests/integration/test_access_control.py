@@ -29,13 +29,16 @@ RATE_LIMIT_RPS = 10.0
 def restricted(platform: Platform):
     specs = []
     for spec in platform.catalog():
-        if spec.model.name == TUMOUR:
+        if spec.kind == "pipeline":
+            pass
+        elif spec.model.name == TUMOUR:
             spec = spec.model_copy(update={"access": spec.access.model_copy(update={"departments": ["radiology"]})})
         elif spec.model.name == SMOL:
             spec = spec.model_copy(update={"inputs": spec.inputs.model_copy(update={"max_output_tokens": 4})})
         specs.append(spec)
     options = platform.render_options(rate_limit_key_rps=RATE_LIMIT_RPS)
-    apply_catalog(platform.database_url, specs, platform.target, options, registered_by="access control tests")
+    apply_catalog(platform.database_url, specs, platform.target, options, registered_by="access control tests",
+                  require_approved=platform.settings.require_approved_versions)
     icu_key = platform.key("clinical-app", department="icu")
     # Serve may report RUNNING for a moment before the new gateway takes over.
     deadline = time.monotonic() + 120
@@ -117,6 +120,9 @@ def test_schemathesis_finds_no_server_errors(restricted: Platform, tmp_path):
          "--checks", "not_a_server_error,response_schema_conformance",
          "--max-examples", "8", "--workers", "1", "--request-timeout", "60",
          "--phases", "examples,coverage,fuzzing",
+         # schemathesis has no serializer for multipart/related (a DICOM series upload);
+         # that parser is fuzzed by the unit tests in tests/unit/test_series.py instead.
+         "--exclude-path", "/v1/pipelines/{name}/studies",
          "-H", f"Authorization: Bearer {key}", "--no-color"],
         capture_output=True, text=True, timeout=480, cwd=tmp_path,
     )

@@ -30,7 +30,7 @@ from medserve.errors import ArtifactIntegrityError
 from medserve.registry import lifecycle
 from medserve.registry.routing import version_app_name
 from medserve.registry.service import register_version
-from medserve.specs import DeploymentSpec
+from medserve.specs import DeploymentSpec, deployments_of
 
 from .conftest import Platform, json_of, new_patient_id
 
@@ -60,7 +60,7 @@ PNG = _png()
 
 @pytest.fixture(scope="module")
 def tumour(platform: Platform) -> DeploymentSpec:
-    return next(spec for spec in platform.catalog() if spec.model.name == TUMOUR)
+    return next(spec for spec in deployments_of(platform.catalog()) if spec.model.name == TUMOUR)
 
 
 @pytest.fixture(scope="module")

@@ -382,6 +382,23 @@ def parse_json_body(model: type, body: bytes) -> Any:
         raise RequestValidationFailed(fields=fields[:20]) from None
 
 
+def _inline_refs(node: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(definitions[ref.removeprefix("#/$defs/")], definitions)
+        return {key: _inline_refs(value, definitions) for key, value in node.items() if key != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(item, definitions) for item in node]
+    return node
+
+
 def json_body_schema(model: type) -> dict[str, Any]:
-    """OpenAPI for a body the route parses itself (so fuzzers and SDK generators see it)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """OpenAPI for a body the route parses itself (so fuzzers and SDK generators see it).
+
+    Nested models are inlined: pydantic's local ``#/$defs/...`` references do
+    not resolve once the schema sits inside the OpenAPI document.
+    """
+    schema = model.model_json_schema()
+    schema = _inline_refs(schema, schema.get("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
