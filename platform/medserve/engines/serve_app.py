@@ -79,6 +79,22 @@ def _envelope_stream_errors(method):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+async def whole_answer(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    """Fold a generation's events (deltas, then one end event) into the whole answer."""
+    content, reasoning, end = [], [], {}
+    async for event in events:
+        if event["type"] == "delta":
+            content.append(event["content"])
+            reasoning.append(event["reasoning"])
+        elif event["type"] == "end":
+            end = event
+    return {
+        "content": "".join(content),
+        "reasoning": "".join(reasoning),
+        **{key: end[key] for key in ("finish_reason", "prompt_tokens", "completion_tokens", "time_to_first_token_s")},
+    }
+
+
 class ModelServer:
     """One replica of one model deployment."""
 
@@ -188,21 +204,7 @@ class ModelServer:
     @_envelope_errors
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """The whole answer at once."""
-        content, reasoning, result = [], [], {}
-        async for event in self._events(request):
-            if event["type"] == "delta":
-                content.append(event["content"])
-                reasoning.append(event["reasoning"])
-            elif event["type"] == "end":
-                result = event
-        return {
-            "content": "".join(content),
-            "reasoning": "".join(reasoning),
-            "finish_reason": result["finish_reason"],
-            "prompt_tokens": result["prompt_tokens"],
-            "completion_tokens": result["completion_tokens"],
-            "time_to_first_token_s": result["time_to_first_token_s"],
-        }
+        return await whole_answer(self._events(request))
 
     # --- imaging ---------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Any
 from ray import serve
 
 from medserve.engines.artifacts import verify_artifact
-from medserve.engines.serve_app import _envelope_errors, _envelope_stream_errors
+from medserve.engines.serve_app import _envelope_errors, _envelope_stream_errors, whole_answer
 from medserve.errors import ContextLengthExceededError, InferenceError, MissingExtraError
 from medserve.specs import DeploymentSpec
 
@@ -175,15 +175,7 @@ class VLLMModelServer:
 
     @_envelope_errors
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        content, reasoning, end = [], [], {}
-        async for event in self._events(request):
-            if event["type"] == "delta":
-                content.append(event["content"])
-                reasoning.append(event["reasoning"])
-            elif event["type"] == "end":
-                end = event
-        return {"content": "".join(content), "reasoning": "".join(reasoning), **{k: end[k] for k in (
-            "finish_reason", "prompt_tokens", "completion_tokens", "time_to_first_token_s")}}
+        return await whole_answer(self._events(request))
 
     async def check_health(self) -> None:
         return None
