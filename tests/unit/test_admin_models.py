@@ -37,7 +37,9 @@ def gateway(database_url, tumour, tmp_path):
         lifecycle.ensure_alias(session, base.model, "production", base, "tester")
     state = GatewayState(
         [catalog_entry(tumour).model_dump(mode="json")],
-        {"database_url": database_url, "home": str(tmp_path), "rollout_cache_seconds": 0},
+        # The approval gate is what this test exercises: set it, whatever the environment says.
+        {"database_url": database_url, "home": str(tmp_path), "rollout_cache_seconds": 0,
+         "require_approved_versions": True},
     )
     set_gateway(state)
     yield state
