@@ -52,7 +52,7 @@ def capacity_problem(spec: DeploymentSpec, nodes: list[dict[str, float]]) -> str
         if best >= amount:
             continue
         if name.startswith("accelerator_type:"):
-            missing.append(f"no node has a {name.removeprefix('accelerator_type:')} accelerator")
+            missing.append(f"no node has an accelerator of type {name.removeprefix('accelerator_type:')}")
         else:
             missing.append(f"{name}: needs {amount:g} per replica, largest node has {best:g}")
     return "the cluster lacks resources (" + "; ".join(missing or ["no single node has all of them"]) + ")"
