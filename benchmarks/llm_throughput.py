@@ -53,10 +53,12 @@ def _start_platform(spec) -> tuple[str, str, object]:  # type: ignore[no-untyped
         "MEDSERVE_RAY_DASHBOARD_PORT": str(_free_port()),
         "MEDSERVE_RAY_HEAD_PORT": str(_free_port()),
         "RAY_AUTH_MODE": "token",
+        # The demo model is a research-use version nobody has approved.
+        "MEDSERVE_REQUIRE_APPROVED_VERSIONS": "false",
     })
     from medserve.controlplane.local_ray import start_local_ray, stop_local_ray
     from medserve.controlplane.reconcile import apply_catalog
-    from medserve.controlplane.render import GATEWAY_SETTING_NAMES, RenderOptions
+    from medserve.controlplane.render import RenderOptions
     from medserve.controlplane.targets import RayClusterTarget
     from medserve.db.engine import session_scope, upgrade
     from medserve.security.api_keys import create_api_key
@@ -64,12 +66,12 @@ def _start_platform(spec) -> tuple[str, str, object]:  # type: ignore[no-untyped
 
     settings = Settings()
     upgrade(settings.resolved_database_url)
-    settings.pseudonym_key_bytes()
+    settings.pseudonym_key_bytes()  # the keys exist before replicas race for them, as in `up`
+    settings.audit_signing_key_bytes()
     connection = start_local_ray(settings)
-    options = RenderOptions(http_host=settings.gateway_host, http_port=settings.gateway_port,
-                            gateway_settings={n: getattr(settings, n) for n in GATEWAY_SETTING_NAMES})
     apply_catalog(settings.resolved_database_url, [spec], RayClusterTarget(connection.dashboard_url,
-                  connection.auth_token), options, registered_by="benchmark")
+                  connection.auth_token), RenderOptions.from_settings(settings), registered_by="benchmark",
+                  require_approved=settings.require_approved_versions)
     with session_scope(settings.resolved_database_url) as session:
         _, key = create_api_key(session, name="benchmark", role="clinical-app")
     return f"http://127.0.0.1:{settings.gateway_port}", key, lambda: stop_local_ray(settings)

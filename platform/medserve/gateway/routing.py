@@ -44,6 +44,10 @@ class RouteTable:
     def _load(self) -> dict[str, RouteState]:
         with session_scope(self._database_url) as session:
             states = route_states(session, self._follows)
+        if all(state.candidate is None for state in states.values()):
+            # No rollout: nothing to filter, and asking the Serve controller
+            # (a round trip on every refresh) would only slow requests down.
+            return states
         running = _running_apps()
         if running is None:
             return states
