@@ -260,28 +260,35 @@ class GatewayState:
         """
         if audit is not None and audit.shadow_entry is not None:
             self._mirror(audit, method, args)
-        principal = _current_principal.get()
-        if principal is not None:
-            await self.check_token_budget(principal, entry)
-        gate = self.gate(entry)
-        if gate is None:
+        async with self._admitted(entry) as principal:
             result = await self._call(entry, method, *args)
-        else:
-            async with gate.slot(self.priority_class()):
-                result = await self._call(entry, method, *args)
         if principal is not None and self.token_budget.enabled and "prompt_tokens" in result:
             self.token_budget.add(principal, int(result["prompt_tokens"]) + int(result.get("completion_tokens", 0)))
         if audit is not None and isinstance(result.get("top_label"), str):
             audit.output_label = result["top_label"][:64]
         return result
 
-    async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
-        response = getattr(self._handle(entry), method).remote(*args)
+    @contextlib.asynccontextmanager
+    async def _admitted(self, entry: CatalogEntry) -> AsyncIterator[Principal | None]:
+        """Admission to a model, shared by whole and streamed calls: the caller's token
+        budget is checked, then a slot is held at the model's priority gate."""
+        principal = _current_principal.get()
+        if principal is not None:
+            await self.check_token_budget(principal, entry)
+        gate = self.gate(entry)
+        if gate is None:
+            yield principal
+        else:
+            async with gate.slot(self.priority_class()):
+                yield principal
+
+    async def _answer(self, entry: CatalogEntry, pending: Any, timeout_s: float) -> Any:
+        """One item from an engine replica, with the gateway's error mapping applied."""
         try:
-            result = await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
+            result = await asyncio.wait_for(pending, timeout=timeout_s)
         except asyncio.TimeoutError:
             raise ModelTimeoutError(model=entry.model_name) from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StopAsyncIteration):
             raise
         except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
             logger.warning("call to %s failed: %s", entry.app_name, type(error).__name__)
@@ -289,6 +296,10 @@ class GatewayState:
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
         return result
+
+    async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
+        response = getattr(self._handle(entry), method).remote(*args)
+        return await self._answer(entry, response, self.settings.request_timeout_s)
 
     async def stream(self, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Items of a streaming engine method, within the request timeout.
@@ -300,36 +311,22 @@ class GatewayState:
         if handle is None:
             handle = self._handle(entry).options(stream=True)
             self._stream_handles[entry.app_name] = handle
-        principal = _current_principal.get()
-        if principal is not None:
-            # Checked before the stream starts; its audited tokens count
-            # towards the caller's later requests.
-            await self.check_token_budget(principal, entry)
-        gate = self.gate(entry)
-        slot = gate.slot(self.priority_class()) if gate is not None else contextlib.nullcontext()
-        async with slot:
+        # Admission (budget, priority slot) holds for the whole stream; its
+        # audited tokens count towards the caller's later requests.
+        async with self._admitted(entry):
             async for item in self._stream(handle, entry, method, *args):
                 yield item
 
     async def _stream(self, handle: Any, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         responses = getattr(handle, method).remote(*args)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
+        deadline = loop.time() + self.settings.request_timeout_s  # one deadline for the whole answer
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(responses.__anext__(), max(0.0, deadline - loop.time()))
+                    item = await self._answer(entry, responses.__anext__(), max(0.0, deadline - loop.time()))
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
-                    raise ModelTimeoutError(model=entry.model_name) from None
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
-                    logger.warning("stream from %s failed: %s", entry.app_name, type(error).__name__)
-                    raise ModelUnavailableError(model=entry.model_name) from None
-                if isinstance(item, dict) and "error" in item:
-                    raise error_from_payload(item)
                 yield item
         finally:
             responses.cancel()
