@@ -254,6 +254,14 @@ class ModelUnavailableError(MedserveError):
     default_message = "The model is not available right now; retry later."
 
 
+class ModelOverloadedError(ModelUnavailableError):
+    """The model's queue is full (Ray Serve's ``max_queued_requests``, or the gateway's
+    own bounded wait for it): refused at once with Retry-After rather than left to time out."""
+
+    code = "model_overloaded"
+    default_message = "The model is at capacity; retry after the time in Retry-After."
+
+
 class InferenceError(MedserveError):
     code = "inference_failed"
     http_status = 500

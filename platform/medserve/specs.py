@@ -31,16 +31,16 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
 Task = Literal["llm", "imaging"]
-EngineName = Literal["llama_cpp", "vllm", "onnx", "hu_roi"]
+EngineName = Literal["llama_cpp", "vllm", "onnx", "hu_roi", "noop"]
 
 # Which engines can serve which task; checked so that a spec cannot pair an
 # LLM task with an image classifier runtime by mistake.
-ENGINES_BY_TASK: dict[str, set[str]] = {"llm": {"llama_cpp", "vllm"}, "imaging": {"onnx", "hu_roi"}}
+ENGINES_BY_TASK: dict[str, set[str]] = {"llm": {"llama_cpp", "vllm"}, "imaging": {"onnx", "hu_roi", "noop"}}
 
 # Engines that are deterministic analyzers shipped with medserve: they have no
 # weights file; their artifact is builtin://<engine> and its sha256 pins the
 # analyzer's parameter document (see medserve.engines.hu_roi).
-BUILTIN_ENGINES = {"hu_roi"}
+BUILTIN_ENGINES = {"hu_roi", "noop"}
 
 
 class StrictModel(BaseModel):
@@ -91,7 +91,8 @@ class ModelSpec(StrictModel):
     task: Task = Field(description="llm: chat/completions; imaging: classification of images and DICOM.")
     engine: EngineName = Field(
         description="Runtime: llama_cpp (CPU GGUF), vllm (GPU), onnx (ONNX Runtime), "
-        "hu_roi (built-in Hounsfield-unit region-of-interest analyzer for CT series)."
+        "hu_roi (built-in Hounsfield-unit region-of-interest analyzer for CT series), "
+        "noop (built-in stand-in that answers without reading the input: capacity checks and benchmarks)."
     )
     artifact: ArtifactSpec = Field(description="The weights and their pinned digest.")
     parameters: dict[str, Any] = Field(
@@ -258,6 +259,14 @@ class DeploymentSpec(StrictModel):
         default_factory=ReasoningSpec, description="Reasoning split and whether callers see it (LLM only)."
     )
     model_card: ModelCard = Field(description="Intended use, regulatory status and validation.")
+    placement: Literal["replicas", "gateway"] = Field(
+        default="replicas",
+        description="replicas: the model runs in its own Ray Serve replicas, which the gateway reaches by "
+        "DeploymentHandle and `autoscaling` scales. gateway: the engine is loaded inside every gateway replica "
+        "and called in process, which saves the handle hop (most of a light model's cost per request); the "
+        "gateway's replicas are then its replicas, `autoscaling.max_ongoing_requests` and `max_queued_requests` "
+        "bound it in each gateway replica, and it needs no GPU, no custom resources, one replica and alias: null.",
+    )
     alias: str | None = Field(
         default="production",
         pattern=ALIAS_PATTERN,
@@ -274,6 +283,8 @@ class DeploymentSpec(StrictModel):
             raise ValueError("reasoning applies to LLM models only")
         if "reasoning_parser" in self.model.parameters:
             raise ValueError("set reasoning.parser rather than model.parameters.reasoning_parser")
+        if self.placement == "gateway":
+            self._check_gateway_placement()
         if self.model.engine == "vllm":
             if self.resources.num_gpus <= 0:
                 raise ValueError("the vllm engine needs resources.num_gpus > 0")
@@ -286,6 +297,21 @@ class DeploymentSpec(StrictModel):
                     "tensor-parallel workers takes num_gpus / tensor_parallel_size GPUs (at most 1)"
                 )
         return self
+
+    def _check_gateway_placement(self) -> None:
+        """What an engine inside the gateway's replicas cannot have: the gateway is
+        one CPU deployment, scaled for the door, with one version per model."""
+        problems = []
+        if self.model.engine == "vllm":
+            problems.append("the vllm engine runs in Ray Serve LLM's own replicas")
+        if self.resources.num_gpus or self.resources.accelerator_type or self.resources.custom:
+            problems.append("GPUs, accelerator types and custom resources need replicas of their own")
+        if self.autoscaling.min_replicas != 1 or self.autoscaling.max_replicas != 1:
+            problems.append("replica counts are the gateway's (leave min_replicas and max_replicas at 1)")
+        if self.alias is not None:
+            problems.append("rollouts need one application per version (set alias: null)")
+        if problems:
+            raise ValueError("placement: gateway does not fit: " + "; ".join(problems))
 
     @property
     def tensor_parallel_size(self) -> int:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord, utcnow
-from medserve.engines.hu_roi import parameter_sha256
+from medserve.engines.builtin import parameter_sha256
 from medserve.engines.loader import load_engine
 from medserve.engines.serve_app import ModelServer
 from medserve.errors import (

@@ -196,7 +196,11 @@ def apply_catalog(
     target.apply(config)
     statuses: dict[str, dict[str, Any]] = {}
     wait = getattr(target, "wait_until_running", None)
-    apps = [version_app_name(spec.name, v.model.version) for spec in deployable for v in versions[spec.name]]
+    apps = [
+        version_app_name(spec.name, v.model.version)
+        for spec in deployable if spec.placement == "replicas"
+        for v in versions[spec.name]
+    ]
     if wait is not None:
         statuses = wait([GATEWAY_APP] + apps, timeout_s=wait_timeout_s)
     return ApplyResult(

@@ -80,6 +80,12 @@ class RenderOptions(BaseModel):
     http_port: int = Field(default=8000, description="Port Serve's HTTP proxy binds.")
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway replicas.")
     gateway_num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per gateway replica.")
+    gateway_max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests one gateway replica works on at once. The gateway mostly waits (on engines, "
+        "the audit commit, streams), so this is high; each model's own limits are enforced at its gate.",
+    )
     gateway_settings: dict[str, Any] = Field(default_factory=dict, description="Settings passed to the gateway.")
     gateway_env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment for gateway replicas (no secrets)."
@@ -117,7 +123,12 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         max_output_tokens=spec.inputs.max_output_tokens,
         reasoning_to_client=spec.reasoning.return_to_client,
         deployment=spec.name,
+        # In the gateway, the limits hold in each gateway replica; in replicas of
+        # its own, across all of them (the gateway divides by its replica count).
         max_in_flight=spec.autoscaling.max_ongoing_requests * spec.autoscaling.max_replicas,
+        max_queued=None if spec.autoscaling.max_queued_requests < 0 else spec.autoscaling.max_queued_requests,
+        placement=spec.placement,
+        engine_spec=spec.model_dump(mode="json") if spec.placement == "gateway" else None,
         alias=spec.alias,
     )
 
@@ -190,6 +201,16 @@ def render_vllm_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, A
     }
 
 
+def gateway_actor_options(specs: list[DeploymentSpec], options: RenderOptions) -> dict[str, Any]:
+    """The gateway replica's resources: its own plus those of every engine placed in it."""
+    in_gateway = [spec for spec in specs if spec.placement == "gateway"]
+    actor: dict[str, Any] = {"num_cpus": round(options.gateway_num_cpus + sum(s.resources.num_cpus for s in in_gateway), 6)}
+    memory = sum(spec.resources.memory_bytes or 0 for spec in in_gateway)
+    if memory:
+        actor["memory"] = memory
+    return actor
+
+
 def render_gateway_app(
     specs: list[DeploymentSpec], options: RenderOptions, pipelines: list[PipelineSpec] | None = None
 ) -> dict[str, Any]:
@@ -206,10 +227,13 @@ def render_gateway_app(
             {
                 "name": GATEWAY_DEPLOYMENT,
                 "num_replicas": options.gateway_replicas,
-                "ray_actor_options": {"num_cpus": options.gateway_num_cpus},
+                "max_ongoing_requests": options.gateway_max_ongoing_requests,
+                "ray_actor_options": gateway_actor_options(specs, options),
             }
         ],
     }
+    if options.allow_unpinned_artifacts and any(spec.placement == "gateway" for spec in specs):
+        app["args"]["allow_unpinned"] = True
     if pipelines:
         # Pipelines run inside the gateway (fan-out over model handles), so
         # they travel with it rather than becoming applications of their own.
@@ -231,7 +255,9 @@ def render_serve_config(
     run (the alias's version, a rollout candidate, the rollback target); by
     default a deployment runs the version its spec names. The gateway's args
     depend on the specs only, never on which versions run, so starting a
-    canary or promoting never redeploys the gateway. Pipeline specs add no
+    canary or promoting never redeploys the gateway. A spec with placement
+    gateway adds no application either: the gateway's replicas load its engine
+    (and carry its resources), so changing such a spec redeploys the gateway. Pipeline specs add no
     application: the gateway runs them over the models' handles.
     """
     options = options or RenderOptions()
@@ -244,6 +270,8 @@ def render_serve_config(
     models = deployments_of(specs)
     model_apps = []
     for spec in models:
+        if spec.placement == "gateway":
+            continue  # loaded by the gateway's replicas: no application of its own
         for version_spec in versions.get(spec.name) or [spec]:
             model_apps.append(render_model_app(served_spec(spec, version_spec), options))
     return {

@@ -17,21 +17,19 @@ came from.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.engines.base import VolumeEngine
-from medserve.errors import ArtifactIntegrityError, ConfigurationError, InputConstraintError, InvalidRoiError
+from medserve.errors import InputConstraintError, InvalidRoiError
 from medserve.imaging.series import RoiBox, Volume
 from medserve.specs import DeploymentSpec
 
-ANALYZER = "hu_roi"
-# Bump when the computation changes: the digest of every hu_roi spec changes with it.
+# Bump when the computation changes: the digest of every hu_roi spec changes with it
+# (the parameter document, see medserve.engines.builtin, carries it).
 ANALYZER_VERSION = "1"
 
 
@@ -63,35 +61,6 @@ class HuRoiParameters(BaseModel):
     require_unenhanced: bool = Field(
         default=False, description="Refuse series with a ContrastBolusAgent (threshold valid on non-contrast CT only)."
     )
-
-
-def parameter_document(spec: DeploymentSpec) -> bytes:
-    """The canonical bytes the spec's artifact sha256 pins."""
-    try:
-        parameters = HuRoiParameters.model_validate(spec.model.parameters)
-    except ValidationError as error:
-        fields = [".".join(str(p) for p in item["loc"]) for item in error.errors()]
-        raise ConfigurationError("invalid hu_roi parameters", deployment=spec.name, fields=fields) from None
-    document = {"analyzer": ANALYZER, "analyzer_version": ANALYZER_VERSION, "parameters": parameters.model_dump(mode="json")}
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-
-
-def parameter_sha256(spec: DeploymentSpec) -> str:
-    return hashlib.sha256(parameter_document(spec)).hexdigest()
-
-
-def verify_parameters(spec: DeploymentSpec, *, allow_unpinned: bool = False) -> str:
-    """Refuse to serve parameters that differ from the pinned digest (like weights would be refused)."""
-    actual = parameter_sha256(spec)
-    expected = spec.model.artifact.sha256
-    if expected is None and not allow_unpinned:
-        raise ArtifactIntegrityError(
-            "analyzer parameters have no pinned sha256; pin it in the spec before serving",
-            uri=spec.model.artifact.uri, actual=actual,
-        )
-    if expected is not None and expected != actual:
-        raise ArtifactIntegrityError(uri=spec.model.artifact.uri, expected=expected, actual=actual)
-    return actual
 
 
 def default_roi(volume: Volume, roi: DefaultRoi) -> RoiBox:

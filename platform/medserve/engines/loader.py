@@ -6,15 +6,16 @@ import importlib.util
 
 from medserve.engines.artifacts import verify_artifact
 from medserve.engines.base import Engine
+from medserve.engines.builtin import verify_parameters
 from medserve.errors import MissingExtraError
-from medserve.specs import DeploymentSpec
+from medserve.specs import BUILTIN_ENGINES, DeploymentSpec
 
 
 def engine_available(engine: str) -> tuple[bool, str | None]:
     """Whether this Python environment can run an engine, and why not."""
     needs = {"llama_cpp": ("llama_cpp", "llama-cpp-python"), "onnx": ("onnxruntime", "onnxruntime"),
              "vllm": ("vllm", "the optional extra medserve[gpu] (ray[llm]: vLLM through Ray Serve LLM)"),
-             "hu_roi": ("numpy", "numpy")}
+             "hu_roi": ("numpy", "numpy"), "noop": ("medserve", "medserve")}
     module, install = needs[engine]
     if importlib.util.find_spec(module) is None:
         return False, f"the {engine} engine needs {install}, which is not installed"
@@ -26,11 +27,15 @@ def load_engine(spec: DeploymentSpec, *, allow_unpinned: bool = False) -> tuple[
     available, reason = engine_available(spec.model.engine)
     if not available:
         raise MissingExtraError(reason, engine=spec.model.engine)
-    if spec.model.engine == "hu_roi":
-        # A built-in analyzer: no weights; its pinned digest covers its parameter document.
-        from medserve.engines.hu_roi import HuRoiAnalyzer, verify_parameters
-
+    if spec.model.engine in BUILTIN_ENGINES:
+        # No weights: the pinned digest covers the engine's parameter document.
         sha256 = verify_parameters(spec, allow_unpinned=allow_unpinned)
+        if spec.model.engine == "noop":
+            from medserve.engines.noop import NoopEngine
+
+            return NoopEngine(spec), sha256
+        from medserve.engines.hu_roi import HuRoiAnalyzer
+
         return HuRoiAnalyzer(spec), sha256
     path, sha256 = verify_artifact(spec.model.artifact.uri, spec.model.artifact.sha256, allow_unpinned=allow_unpinned)
     if spec.model.engine == "llama_cpp":

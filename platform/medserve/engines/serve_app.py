@@ -23,6 +23,7 @@ from ray import serve
 from medserve import metrics
 from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine, Piece, VolumeEngine
 from medserve.engines.loader import load_engine
+from medserve.engines.noop import NoopEngine
 from medserve.engines.reasoning import ReasoningSplitter, Split
 from medserve.errors import (
     ContextLengthExceededError,
@@ -272,6 +273,9 @@ class ModelServer:
 
     @_envelope_errors
     async def classify(self, body: bytes, content_type: str) -> dict[str, Any]:
+        if isinstance(self.engine, NoopEngine):
+            # Never reads the input: no worker thread, so it measures the platform alone.
+            return await self.engine.classify()
         return await asyncio.to_thread(self._classify_sync, body, content_type)
 
     def _analyze_series_sync(self, volume: Volume, roi: dict[str, Any] | None) -> dict[str, Any]:

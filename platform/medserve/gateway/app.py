@@ -55,8 +55,9 @@ class Gateway:
         catalog: list[dict[str, Any]],
         settings: dict[str, Any] | None = None,
         pipelines: list[dict[str, Any]] | None = None,
+        allow_unpinned: bool = False,
     ) -> None:
-        self.state = GatewayState(catalog, settings, pipelines)
+        self.state = GatewayState(catalog, settings, pipelines, allow_unpinned=allow_unpinned)
         set_gateway(self.state)
 
     def __del__(self) -> None:
@@ -69,5 +70,5 @@ class Gateway:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder named by import_path in the rendered Serve config."""
     return serve.deployment(Gateway, name="Gateway").bind(
-        args["catalog"], args.get("settings") or {}, args.get("pipelines") or []
+        args["catalog"], args.get("settings") or {}, args.get("pipelines") or [], bool(args.get("allow_unpinned"))
     )

@@ -6,6 +6,8 @@ replica needs no database round trip to route a request.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.errors import ModelNotFoundError
@@ -32,6 +34,18 @@ class CatalogEntry(BaseModel):
         ge=1,
         description="Requests the model can work on at once (max_ongoing_requests x max_replicas); "
         "beyond it requests wait at the gateway's priority gate. None: no gate.",
+    )
+    max_queued: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests that may wait for the model (max_queued_requests); beyond it 503 "
+        "model_overloaded with Retry-After. None: unbounded.",
+    )
+    placement: Literal["replicas", "gateway"] = Field(
+        default="replicas", description="replicas: reached by DeploymentHandle; gateway: loaded in the gateway."
+    )
+    engine_spec: dict[str, Any] | None = Field(
+        default=None, description="The deployment spec, for an engine the gateway loads itself (placement gateway)."
     )
     alias: str | None = Field(
         default=None,

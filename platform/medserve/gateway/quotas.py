@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord
-from medserve.errors import RateLimitedError, TokenBudgetExceededError
+from medserve.errors import ModelOverloadedError, RateLimitedError, TokenBudgetExceededError
 from medserve.security.api_keys import Principal
 
 PRIORITY_ORDER = {"emergency": 0, "standard": 1, "research": 2}
@@ -188,8 +188,12 @@ class TokenBudget:
 class PriorityGate:
     """At most ``capacity`` requests in flight; waiters admitted by (class, arrival)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, max_waiting: int | None = None, model: str | None = None) -> None:
         self.capacity = max(1, capacity)
+        # Beyond this many waiters a request is refused at once (503 with
+        # Retry-After) instead of waiting towards its timeout. None: unbounded.
+        self.max_waiting = max_waiting
+        self.model = model
         self.in_flight = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._counter = itertools.count()
@@ -202,6 +206,8 @@ class PriorityGate:
     async def slot(self, priority_class: str) -> AsyncIterator[None]:
         if self.in_flight < self.capacity and not self.waiting:
             self.in_flight += 1
+        elif self.max_waiting is not None and self.waiting >= self.max_waiting:
+            raise ModelOverloadedError(model=self.model, retry_after_s=1)
         else:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             heapq.heappush(self._waiters, (PRIORITY_ORDER.get(priority_class, 1), next(self._counter), future))

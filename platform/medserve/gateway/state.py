@@ -16,11 +16,13 @@ from typing import Any
 
 from fastapi import Request
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
 from medserve.errors import (
     MedserveError,
+    ModelOverloadedError,
     ModelTimeoutError,
     ModelUnavailableError,
     OperationNotSupportedError,
@@ -73,6 +75,7 @@ class GatewayState:
         catalog: list[dict[str, Any]],
         settings: dict[str, Any] | None = None,
         pipelines: list[dict[str, Any]] | None = None,
+        allow_unpinned: bool = False,
     ) -> None:
         from medserve.specs import PipelineSpec
 
@@ -111,6 +114,7 @@ class GatewayState:
         )
         self.routes = RouteTable(self.database_url, self.catalog, self.settings.rollout_cache_seconds)
         self._handles: dict[str, Any] = {}
+        self.local_engines = load_local_engines(self.catalog, allow_unpinned=allow_unpinned)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._stream_handles: dict[str, Any] = {}
         metrics.init_audit_counters()
@@ -237,12 +241,20 @@ class GatewayState:
         return handle
 
     def gate(self, entry: CatalogEntry) -> PriorityGate | None:
-        """The model's priority gate (None when the catalog gives no capacity)."""
+        """The model's priority gate (None when the catalog gives no capacity).
+
+        For a model in its own replicas, this replica's share of the model's
+        capacity and queue; for one loaded in the gateway, the spec's limits
+        hold in each gateway replica.
+        """
         if not entry.max_in_flight:
             return None
         gate = self._gates.get(entry.app_name)
         if gate is None:
-            gate = PriorityGate(math.ceil(entry.max_in_flight / self.settings.gateway_replicas))
+            share = 1 if entry.placement == "gateway" else self.settings.gateway_replicas
+            max_waiting = None if entry.max_queued is None else math.ceil(entry.max_queued / share)
+            gate = PriorityGate(math.ceil(entry.max_in_flight / share), max_waiting=max_waiting,
+                                model=entry.model_name)
             self._gates[entry.app_name] = gate
         return gate
 
@@ -290,6 +302,9 @@ class GatewayState:
             raise ModelTimeoutError(model=entry.model_name) from None
         except (asyncio.CancelledError, StopAsyncIteration):
             raise
+        except BackPressureError:
+            # Ray Serve's queue for the model (max_queued_requests) is full.
+            raise ModelOverloadedError(model=entry.model_name, retry_after_s=OVERLOAD_RETRY_AFTER_S) from None
         except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
             logger.warning("call to %s failed: %s", entry.app_name, type(error).__name__)
             raise ModelUnavailableError(model=entry.model_name) from None
@@ -298,7 +313,12 @@ class GatewayState:
         return result
 
     async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
-        response = getattr(self._handle(entry), method).remote(*args)
+        local = self.local_engines.get(entry.app_name)
+        if local is not None:
+            # In this replica: the same ModelServer method, without the handle hop.
+            response = getattr(local, method)(*args)
+        else:
+            response = getattr(self._handle(entry), method).remote(*args)
         return await self._answer(entry, response, self.settings.request_timeout_s)
 
     async def stream(self, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
@@ -307,10 +327,14 @@ class GatewayState:
         Closing this generator early (the client went away) cancels the call
         on the replica, which stops the generation.
         """
-        handle = self._stream_handles.get(entry.app_name)
-        if handle is None:
-            handle = self._handle(entry).options(stream=True)
-            self._stream_handles[entry.app_name] = handle
+        local = self.local_engines.get(entry.app_name)
+        if local is not None:
+            handle: Any = _LocalStreams(local)
+        else:
+            handle = self._stream_handles.get(entry.app_name)
+            if handle is None:
+                handle = self._handle(entry).options(stream=True)
+                self._stream_handles[entry.app_name] = handle
         # Admission (budget, priority slot) holds for the whole stream; its
         # audited tokens count towards the caller's later requests.
         async with self._admitted(entry):
@@ -330,6 +354,66 @@ class GatewayState:
                 yield item
         finally:
             responses.cancel()
+
+
+# Seconds a client is told to wait when a model's queue is full.
+OVERLOAD_RETRY_AFTER_S = 1
+
+
+def load_local_engines(catalog: Catalog, *, allow_unpinned: bool = False) -> dict[str, Any]:
+    """The engines of catalog entries placed in the gateway, by application name.
+
+    One that fails to load (a missing extra, a changed artifact) is left out
+    and answers 503 model_unavailable, rather than keeping the whole gateway
+    (and every other model behind it) from starting.
+    """
+    from medserve.engines.serve_app import ModelServer
+
+    engines: dict[str, Any] = {}
+    for entry in catalog.entries():
+        if entry.placement != "gateway" or entry.engine_spec is None:
+            continue
+        try:
+            engines[entry.app_name] = ModelServer(entry.engine_spec, allow_unpinned=allow_unpinned)
+        except MedserveError as error:
+            logger.error("engine of %s not loaded in the gateway: %s (%s)", entry.model_name, error.code, error.message)
+    return engines
+
+
+class _LocalStreams:
+    """A streaming call to an engine in this replica, shaped like a streaming
+    DeploymentHandle: ``.method.remote(...)`` gives an async iterator with ``cancel()``."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def __getattr__(self, method: str) -> Any:
+        server = self._server
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any) -> "_LocalStream":
+                return _LocalStream(getattr(server, method)(*args))
+
+        return _Method
+
+
+class _LocalStream:
+    def __init__(self, generator: Any) -> None:
+        self._generator = generator
+
+    def __anext__(self) -> Any:
+        return self._generator.__anext__()
+
+    def cancel(self) -> None:
+        # The generator's own finally (the engine's cancel flag) runs on close.
+        task = asyncio.get_running_loop().create_task(self._generator.aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+# Closes in progress (the event loop holds tasks only weakly).
+_closing: set[asyncio.Task[None]] = set()
 
 
 def _route_path(request: Request) -> str:

@@ -1,0 +1,1 @@
+"""`medserve bench`: load generation and the side-by-side performance run."""
