@@ -50,6 +50,15 @@ class MetricDef:
     buckets: tuple[float, ...] | None = None
 
     @property
+    def label_set(self) -> frozenset[str]:
+        # Not a field: computed once per definition, compared on every record.
+        cached = self.__dict__.get("_label_set")
+        if cached is None:
+            cached = frozenset(self.labels)
+            object.__setattr__(self, "_label_set", cached)
+        return cached
+
+    @property
     def exported_name(self) -> str:
         """The name Prometheus stores (counters already end in _total)."""
         return RAY_PREFIX + self.name
@@ -237,7 +246,7 @@ def _current_backend() -> Backend:
 
 
 def _record(definition: MetricDef, value: float, **labels: str) -> None:
-    if set(labels) != set(definition.labels):
+    if labels.keys() != definition.label_set:
         raise ValueError(f"{definition.name} takes labels {definition.labels}, got {tuple(labels)}")
     try:
         _current_backend().record(definition, float(value), labels)

@@ -13,12 +13,13 @@ from ray import serve
 
 from medserve import __version__
 from medserve.gateway.errors import install_error_handlers
+from medserve.gateway.fastpath import FastRoute, GatewayApp
 from medserve.gateway.routes import admin_audit, admin_models, chat, health, imaging, models, oip, pipelines, reviews
 from medserve.gateway.state import GatewayState, set_gateway
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(
+    app = GatewayApp(
         title="medserve gateway",
         version=__version__,
         description="Authenticated, audited access to the hospital's models.",
@@ -26,6 +27,12 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     for module in (health, models, chat, imaging, oip, pipelines, reviews, admin_audit, admin_models):
         app.include_router(module.router)
+    # The hot inference routes skip FastAPI's routing and dependency solving
+    # (gateway/fastpath.py); their FastAPI routes stay for OpenAPI and docs.
+    app.fast_routes = (
+        FastRoute("POST", "/v1/imaging/", "", imaging.analyze),
+        FastRoute("POST", "/v2/models/", "/infer", oip.infer_tensors),
+    )
     return app
 
 

@@ -54,6 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
         logger.error("unhandled %s in gateway", type(error).__name__)
-        return JSONResponse(
-            {"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500
-        )
+        return internal_error_response()
+
+
+def internal_error_response() -> JSONResponse:
+    return JSONResponse({"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500)

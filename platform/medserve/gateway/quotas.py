@@ -200,6 +200,8 @@ class PriorityGate:
 
     @property
     def waiting(self) -> int:
+        if not self._waiters:  # the common case, checked on every request
+            return 0
         return sum(1 for *_, future in self._waiters if not future.done())
 
     @asynccontextmanager

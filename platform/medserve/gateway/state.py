@@ -177,19 +177,20 @@ class GatewayState:
 
     # --- callers -------------------------------------------------------------
 
-    async def principal(self, request: Request) -> Principal:
+    async def principal(self, request: Request, route: str | None = None) -> Principal:
         """Authenticate the caller, then enforce the route's permission and the caller's request rate.
 
         The permission comes from ROUTE_PERMISSIONS for the matched route, so
         every authenticated route is guarded by the one table (fail closed: a
-        route missing from it is refused).
+        route missing from it is refused). A caller that knows its route
+        template passes it, sparing the scan of the table's patterns.
         """
         principal = await self.authenticator.authenticate(request.headers.get("authorization"))
         audit = current_scope.get()
         if audit is not None:
             audit.principal = principal  # a refusal below still names the caller
         try:
-            permission = route_permission(request.method, _route_path(request))
+            permission = route_permission(request.method, route or _route_path(request))
         except UndeclaredRouteError:
             # The path is not logged: a concrete path can carry identifiers.
             logger.error("a %s route missing from ROUTE_PERMISSIONS was called", request.method)
@@ -297,8 +298,10 @@ class GatewayState:
     async def _answer(self, entry: CatalogEntry, pending: Any, timeout_s: float) -> Any:
         """One item from an engine replica, with the gateway's error mapping applied."""
         try:
-            result = await asyncio.wait_for(pending, timeout=timeout_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout rather than wait_for: no extra Task per call.
+            async with asyncio.timeout(timeout_s):
+                result = await pending
+        except TimeoutError:
             raise ModelTimeoutError(model=entry.model_name) from None
         except (asyncio.CancelledError, StopAsyncIteration):
             raise
@@ -317,6 +320,8 @@ class GatewayState:
         if local is not None:
             # In this replica: the same ModelServer method, without the handle hop.
             response = getattr(local, method)(*args)
+        elif entry.placement == "gateway":
+            raise ModelUnavailableError(model=entry.model_name)  # its engine failed to load here (logged)
         else:
             response = getattr(self._handle(entry), method).remote(*args)
         return await self._answer(entry, response, self.settings.request_timeout_s)
@@ -330,6 +335,8 @@ class GatewayState:
         local = self.local_engines.get(entry.app_name)
         if local is not None:
             handle: Any = _LocalStreams(local)
+        elif entry.placement == "gateway":
+            raise ModelUnavailableError(model=entry.model_name)
         else:
             handle = self._stream_handles.get(entry.app_name)
             if handle is None:

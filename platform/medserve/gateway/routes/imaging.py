@@ -10,10 +10,11 @@ from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
 router = APIRouter(tags=["imaging"])
 
 IMAGING_TYPES = ("application/dicom", "image/png")
+ROUTE = "/v1/imaging/{name}"
 
 
 @router.post(
-    "/v1/imaging/{name}",
+    ROUTE,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -22,8 +23,13 @@ IMAGING_TYPES = ("application/dicom", "image/png")
     },
 )
 async def analyze_image(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
+    return await analyze(gateway, name, request)
+
+
+async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONResponse:
+    """The route's work; the gateway's fast path (gateway/fastpath.py) calls it directly."""
     async with gateway.recorder.scope("imaging.analyze", name, request.headers) as audit:
-        audit.principal = await gateway.principal(request)
+        audit.principal = await gateway.principal(request, ROUTE)
         entry = gateway.authorize_model(audit.principal, name, task="imaging")
         entry = await gateway.route(entry, audit)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -33,8 +39,9 @@ async def analyze_image(name: str, request: Request, gateway: GatewayState = Dep
         audit.input_sha256 = sha256_hex(body)
         result = await gateway.call(entry, "classify", body, content_type, audit=audit)
         audit.output_sha256 = result.pop("output_sha256")
+        inference_id = str(audit.id)
         payload = {
-            "inference_id": str(audit.id),
+            "inference_id": inference_id,
             "model": entry.model_name,
             "model_version": entry.model_version,
             "artifact_sha256": entry.artifact_sha256,
@@ -42,4 +49,4 @@ async def analyze_image(name: str, request: Request, gateway: GatewayState = Dep
             "status": "draft",
             **result,
         }
-    return JSONResponse(payload, headers=provenance_headers(str(audit.id), entry))
+    return JSONResponse(payload, headers=provenance_headers(inference_id, entry))
