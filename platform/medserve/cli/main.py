@@ -139,12 +139,12 @@ def artifact_hash(uri: str | None, spec_path: Path | None) -> None:
     from medserve.engines.artifacts import artifact_sha256, resolve_artifact
 
     if spec_path is not None:
-        from medserve.engines.hu_roi import parameter_sha256
+        from medserve.engines.builtin import parameter_sha256
         from medserve.specs import BUILTIN_ENGINES, DeploymentSpec, load_spec
 
         spec = load_spec(spec_path)
         if not isinstance(spec, DeploymentSpec) or spec.model.engine not in BUILTIN_ENGINES:
-            _fail("--spec takes the spec of a built-in analyzer (engine hu_roi)")
+            _fail("--spec takes the spec of a built-in engine (hu_roi, noop)")
         click.echo(parameter_sha256(spec))  # type: ignore[arg-type]
         return
     if not uri:
@@ -412,6 +412,43 @@ def _show_metrics(settings: Settings, dashboard_url: str, token: str | None, wit
         click.echo(f"  --with-prometheus: {error.message}", err=True)
         return
     click.echo(f"Prometheus: {server.url}  ({len(rule_files)} rule file(s) loaded; data in {server.directory})")
+
+
+@cli.command()
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Connections held open, each sending its next request as soon as it has an answer.")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds measured per path and round (after a warm-up).")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Rounds; the paths alternate within each, so background load falls on all alike.")
+@click.option("--serve-mode", type=click.Choice(["throughput", "default"]), default="throughput", show_default=True,
+              help="throughput: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress); default: through Serve's proxy.")
+@click.option("--imaging/--no-imaging", default=True, show_default=True, help="Also measure the brain-MRI model.")
+@click.option("--llm/--no-llm", default=True, show_default=True, help="Also measure SmolLM2 tokens per second.")
+@click.option("--autoscale", is_flag=True, help="Also time a load step's scale-up and the way back down.")
+@click.option("--deployments", "deployments_dir", type=click.Path(path_type=Path), default=None,
+              help="Catalog holding the imaging and LLM demo specs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report as JSON here.")
+def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, imaging: bool, llm: bool,
+          autoscale: bool, deployments_dir: Path | None, json_path: Path | None) -> None:
+    """Load raw Ray Serve and the gateway side by side in a private Ray; print throughput, p50/p95/p99, ratios.
+
+    Starts its own Ray on free ports with its own SQLite (a running medserve is
+    not touched) and stops it at the end.
+    """
+    from medserve.bench.runner import BenchOptions, run_bench
+
+    settings = _settings()
+    catalog_dir = deployments_dir or settings.deployments_dir
+    options = BenchOptions(
+        concurrency=concurrency, duration_s=duration_s, rounds=rounds, throughput_optimized=serve_mode == "throughput",
+        imaging=imaging, llm=llm, autoscale=autoscale, deployments_dir=Path(catalog_dir),
+    )
+    report = run_bench(options, log=lambda line: click.echo(line, err=True))
+    click.echo(report.markdown())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.__dict__, indent=2))
 
 
 @cli.command()
@@ -848,6 +885,89 @@ def apply_command() -> None:
         click.echo(f"  serving  {name}: {', '.join(versions)}")
     for line in result.refused:
         click.echo(f"  refused  {line}")
+
+
+# --- on-prem nodes without Kubernetes ---------------------------------------------------
+
+
+@cli.group()
+def cluster() -> None:
+    """On-prem Ray nodes: join this machine to the medserve head, list the nodes."""
+
+
+@cluster.command("join")
+@click.option("--address", required=True,
+              help="The head's GCS address HOST:PORT (MEDSERVE_RAY_HEAD_PORT, default 6379).")
+@click.option("--resources", "resources_json", default="{}", show_default=True,
+              help='Custom resources this node announces (JSON), e.g. \'{"radiology_gpu": 1}\'.')
+@click.option("--num-cpus", type=int, default=None, help="Logical CPUs to announce (default: Ray detects).")
+@click.option("--num-gpus", type=int, default=None, help="GPUs to announce (default: Ray detects).")
+@click.option("--node-ip-address", default=None, help="Address the head reaches this node on (default: Ray picks).")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A copy of the head's MEDSERVE_HOME/ray-auth.token (default: RAY_AUTH_TOKEN, else this "
+                   "machine's MEDSERVE_HOME/ray-auth.token).")
+@click.option("--print-only", is_flag=True, help="Print the command to run on the node (token read from "
+              "RAY_AUTH_TOKEN or the token file, never printed) and exit.")
+def cluster_join(address: str, resources_json: str, num_cpus: int | None, num_gpus: int | None,
+                 node_ip_address: str | None, token_file: Path | None, print_only: bool) -> None:
+    """Join this machine to the medserve Ray head as a worker node; Ctrl-C stops exactly this node."""
+    from medserve.controlplane.cluster import (
+        join_token, parse_join, parse_resources, shell_command, start_node, stop_node,
+    )
+
+    join = parse_join(address=address, resources=parse_resources(resources_json), num_cpus=num_cpus,
+                      num_gpus=num_gpus, node_ip_address=node_ip_address)
+    if print_only:
+        click.echo(shell_command(join, token_file))
+        return
+    settings = _settings()
+    token = join_token(settings, token_file)
+    if not os.environ.get("MEDSERVE_DATABASE_URL"):
+        click.echo("warning: MEDSERVE_DATABASE_URL is not set: replicas placed here that write audit records would "
+                   "use a SQLite file on this machine, not the head's database", err=True)
+    log_path = settings.resolved_home / "ray-node.log"
+    node = start_node(join, token, settings, log_path=log_path)
+    announced = json.dumps(join.resources) if join.resources else "no custom resources"
+    click.echo(f"joined {join.address} announcing {announced} (log: {log_path}). Press Ctrl-C to leave.")
+    stopping = {"flag": False}
+
+    def _stop(_signum: int, _frame: Any) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stopping["flag"] and node.process.poll() is None:
+        time.sleep(0.5)
+    if node.process.poll() is not None:
+        _fail(f"the node stopped on its own (exit {node.process.returncode}); see {log_path}")
+    stop_node(node)
+    click.echo("node stopped.")
+
+
+@cluster.command("nodes")
+@click.option("--dashboard", "dashboard_url", default=None,
+              help="Ray dashboard URL (default: the Ray `medserve up` uses here, else RAY_ADDRESS).")
+def cluster_nodes(dashboard_url: str | None) -> None:
+    """List the cluster's nodes: id, address, alive, resources."""
+    from medserve.controlplane.cluster import list_nodes
+    from medserve.controlplane.local_ray import ray_auth_token
+
+    settings = _settings()
+    state_path = settings.resolved_home / UP_STATE_FILE
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if dashboard_url is None and state_path.exists():
+        state = json.loads(state_path.read_text())
+        dashboard_url = state["dashboard_url"]
+        token = ray_auth_token(settings) if state["started_ray"] else token
+    elif dashboard_url is None and os.environ.get("RAY_ADDRESS"):
+        dashboard_url = _remote_dashboard_url(os.environ["RAY_ADDRESS"])
+    if dashboard_url is None:
+        _fail("no Ray cluster known here: run on the head after `medserve up`, or give --dashboard or RAY_ADDRESS")
+    for node in list_nodes(dashboard_url or "", token):
+        role = "head" if node.is_head else "worker"
+        resources = ", ".join(f"{name}={amount:g}" for name, amount in sorted(node.resources.items())
+                              if not name.startswith("node:"))
+        click.echo(f"{node.node_id}  {node.address:<15} {role:<6} {'alive' if node.alive else 'dead':<5}  {resources}")
 
 
 if __name__ == "__main__":

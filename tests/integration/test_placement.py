@@ -1,0 +1,111 @@
+"""A second Ray node joined the way `medserve cluster join` joins one hosts the replica that needs its resource.
+
+On-prem sites without Kubernetes announce node pools as custom resources
+(`radiology_gpu`); a spec asking for `resources.custom: {radiology_gpu: 1}`
+must run there and nowhere else. Both nodes run on this machine here, so the
+second one lets the OS pick the dashboard-agent port the head already holds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from medserve.controlplane.cluster import (
+    list_nodes,
+    parse_join,
+    replica_placements,
+    start_node,
+    stop_node,
+    wait_for_node,
+)
+from medserve.controlplane.render import app_name_for
+from medserve.specs import DeploymentSpec
+from tests.series_data import ct_series
+
+from .conftest import Platform, json_of, new_patient_id
+
+pytestmark = pytest.mark.slow
+
+POOL = {"radiology_gpu": 1.0}
+MODEL = "ct-liver-attenuation-hu-radiology"
+
+
+def _pool_spec(platform: Platform) -> DeploymentSpec:
+    """The built-in liver analyzer (no weights, loads at once), renamed and pinned to the radiology pool."""
+    base = next(s for s in platform.catalog() if s.name == "ct-liver-attenuation-hu")
+    assert isinstance(base, DeploymentSpec)
+    # The model name changes too: the gateway finds models by name, and the
+    # analyzer's pinned digest covers its parameters, not its name.
+    return base.model_copy(update={
+        "name": MODEL,
+        "model": base.model.model_copy(update={"name": MODEL}),
+        "resources": base.resources.model_copy(update={"custom": POOL}),
+    })
+
+
+def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(platform: Platform):
+    token = platform.env["RAY_AUTH_TOKEN"]
+    dashboard = platform.target.dashboard_url
+    head_nodes = list_nodes(dashboard, token)
+    assert all("radiology_gpu" not in node.resources for node in head_nodes)
+    join = parse_join(
+        address=f"127.0.0.1:{platform.settings.ray_head_port}",
+        resources={"radiology_gpu": 1},
+        num_cpus=1,
+        num_gpus=0,
+        node_ip_address="127.0.0.1",
+        share_machine=True,
+    )
+    node = start_node(join, token, platform.settings, log_path=platform.settings.resolved_home / "ray-node.log")
+    spec = _pool_spec(platform)
+    try:
+        joined = wait_for_node(dashboard, token, resources=POOL, exclude={n.node_id for n in head_nodes})
+        assert not joined.is_head and joined.resources["radiology_gpu"] == 1.0 and joined.resources["CPU"] == 1.0
+
+        result = platform.apply([*platform.catalog(), spec])
+        planned = {item.spec.name: item for item in result.plan}
+        assert planned[MODEL].deploy, planned[MODEL].reason
+        # The pancreas model also asks for the pool, but for a GPU share too: still skipped.
+        assert not planned["ct-pancreas-screen"].deploy
+
+        app = app_name_for(spec)
+        placements = [p for p in replica_placements(dashboard, token) if p.app == app]
+        assert len(placements) == 1
+        assert placements[0].node_id == joined.node_id
+        # The other tests' replicas stay where they were: none needs the pool.
+        others = [p for p in replica_placements(dashboard, token) if p.app != app]
+        assert others and all(p.node_id != joined.node_id for p in others)
+
+        patient = new_patient_id()
+        with platform.client(platform.key()) as client:
+            response = client.post(
+                f"/v1/imaging/{MODEL}",
+                content=ct_series(1)[0],  # one non-contrast CT slice: the analyzer's default ROI
+                headers={"Content-Type": "application/dicom", "X-Patient-Id": patient},
+            )
+        body = json_of(response)
+        assert response.status_code == 200, body
+        assert body["model"] == MODEL and body["status"] == "draft"
+        assert body["findings"][0]["code"] == "liver-attenuation" and body["findings"][0]["unit"] == "HU"
+        rows = platform.audit_rows_for_patient(patient)
+        assert [(row.model_name, row.outcome, row.http_status) for row in rows] == [(MODEL, "ok", 200)]
+    finally:
+        try:
+            platform.apply()  # the default catalog: the pool model goes, the others stay
+        finally:
+            stop_node(node)
+
+    assert node.process.returncode is not None
+    # Only the joined node left: the head (and the platform on it) still serves.
+    deadline = time.monotonic() + 60
+    while True:
+        states = {n.node_id: n.alive for n in list_nodes(dashboard, token)}
+        if not states.get(joined.node_id) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert states[joined.node_id] is False
+    assert all(states[n.node_id] for n in head_nodes)
+    with platform.client() as client:
+        assert client.get("/healthz").status_code == 200
