@@ -153,6 +153,20 @@ class AutoscalingSpec(StrictModel):
     )
     upscale_delay_s: float = Field(default=10.0, ge=0, description="Seconds of sustained load before scaling up.")
     downscale_delay_s: float = Field(default=120.0, ge=0, description="Seconds of low load before scaling down.")
+    downscale_to_zero_delay_s: float | None = Field(
+        default=None, ge=0,
+        description="Seconds without requests before the last replica stops (min_replicas 0); default: "
+        "downscale_delay_s. The next request then waits for a replica to start.",
+    )
+    metrics_interval_s: float = Field(
+        default=2.0, gt=0,
+        description="How often replicas and the gateway report load to the autoscaler (Ray Serve's "
+        "metrics_interval_s). Ray's own default, 10 s, puts a 10 s floor under every scale-up.",
+    )
+    look_back_period_s: float = Field(
+        default=10.0, gt=0,
+        description="Window over which the autoscaler averages load; longer is steadier, shorter reacts faster.",
+    )
     max_ongoing_requests: int = Field(
         default=8, ge=1, description="Requests one replica works on at once; more wait in the queue."
     )
@@ -168,6 +182,8 @@ class AutoscalingSpec(StrictModel):
             self.min_replicas <= self.initial_replicas <= self.max_replicas
         ):
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
         return self
 
     @property

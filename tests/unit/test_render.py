@@ -1,8 +1,10 @@
 """The rendered Serve config is what Ray itself accepts, and models have no public route."""
 
+import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
+from medserve.errors import SpecError
 from medserve.specs import deployments_of, load_catalog, pipelines_of
 
 
@@ -80,3 +82,25 @@ def test_no_secrets_in_rendered_config(repo_root, monkeypatch):
     _, config = _config(repo_root, gateway_settings={"audit_durability": "strict"})
     assert not {"password", "pseudonym_key", "database_url", "auth_token"} & set(_keys(config))
     assert "s3cret" not in str(config)
+
+
+def test_autoscaling_reacts_within_seconds_by_default_and_scale_to_zero_has_its_own_delay():
+    from medserve.bench.runner import noop_spec
+
+    spec = noop_spec("scaler", "replicas", autoscaling={"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                                         "downscale_to_zero_delay_s": 600})
+    config = render_serve_config([spec])
+    autoscaling = config["applications"][1]["deployments"][0]["autoscaling_config"]
+    # Ray's default metrics_interval_s (10 s) would put a 10 s floor under every scale-up.
+    assert autoscaling["metrics_interval_s"] == 2.0 and autoscaling["look_back_period_s"] == 10.0
+    assert autoscaling["min_replicas"] == 0 and autoscaling["downscale_to_zero_delay_s"] == 600
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**autoscaling)  # Ray accepts exactly what medserve renders
+
+
+def test_a_look_back_window_shorter_than_the_report_interval_is_refused():
+    from medserve.bench.runner import noop_spec
+
+    with pytest.raises(SpecError, match="look_back_period_s"):
+        noop_spec("scaler", "replicas", autoscaling={"max_replicas": 2, "metrics_interval_s": 5, "look_back_period_s": 5})

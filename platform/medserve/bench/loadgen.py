@@ -131,7 +131,7 @@ class Connection:
 
 
 async def run_load(
-    url: str,
+    url: str | list[str],
     request: Request,
     *,
     concurrency: int,
@@ -141,10 +141,14 @@ async def run_load(
     count_units: Callable[[Answer], int] | None = None,
 ) -> LoadResult:
     """Closed-loop load against ``url`` (scheme://host:port); only answers that
-    finish inside the measured window count."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    raw = request.encode(f"{host}:{port}")
+    finish inside the measured window count. Several URLs (the ingress
+    replicas of one application) share the connections round robin, as a
+    load balancer in front of them would."""
+    targets = []
+    for base in [url] if isinstance(url, str) else url:
+        parts = urlsplit(base)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        targets.append((host, port, request.encode(f"{host}:{port}")))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     counters = {"errors": 0, "units": 0}
@@ -152,7 +156,7 @@ async def run_load(
     measure_from = time.perf_counter() + warmup_s
     stop_at = measure_from + duration_s
 
-    async def worker() -> None:
+    async def worker(host: str, port: int, raw: bytes) -> None:
         connection = await Connection.open(host, port)
         try:
             while True:
@@ -180,7 +184,7 @@ async def run_load(
         finally:
             connection.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(*targets[index % len(targets)]) for index in range(concurrency)))
     return LoadResult(
         label=label,
         concurrency=concurrency,

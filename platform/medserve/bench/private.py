@@ -54,9 +54,10 @@ class PrivatePlatform:
     key: str
     stop: Callable[[], None]
     extra_apps: list[dict[str, Any]] = field(default_factory=list)
+    gateway_replicas: int = 1
 
     def apply(self, specs: list[DeploymentSpec | PipelineSpec], **gateway_settings: Any) -> ApplyResult:
-        options = RenderOptions.from_settings(self.settings)
+        options = RenderOptions.from_settings(self.settings, gateway_replicas=self.gateway_replicas)
         options = options.model_copy(update={"gateway_settings": {**options.gateway_settings, **gateway_settings}})
         target = ExtraAppsTarget(self.target, self.extra_apps) if self.extra_apps else self.target
         return apply_catalog(self.settings.resolved_database_url, specs, target, options,  # type: ignore[arg-type]
@@ -83,7 +84,7 @@ class PrivatePlatform:
 
 
 def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[str, Any]] | None = None,
-                           ray_num_cpus: int | None = None) -> PrivatePlatform:
+                           ray_num_cpus: int | None = None, gateway_replicas: int = 1) -> PrivatePlatform:
     """Start Ray and prepare the database and an API key; the caller applies the specs.
 
     ``throughput_optimized`` starts Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1
@@ -126,6 +127,7 @@ def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[
         key=key,
         stop=lambda: stop_local_ray(settings),
         extra_apps=list(extra_apps or []),
+        gateway_replicas=gateway_replicas,
     )
 
 

@@ -26,7 +26,7 @@ class RawNoop:
         return Response(ANSWER, media_type="application/json")
 
 
-def raw_application(max_ongoing_requests: int, num_cpus: float) -> dict[str, Any]:
+def raw_application(max_ongoing_requests: int, num_cpus: float, replicas: int = 1) -> dict[str, Any]:
     """The Serve config entry of the baseline, with the same concurrency limit as the gateway's."""
     return {
         "name": RAW_APP,
@@ -35,7 +35,7 @@ def raw_application(max_ongoing_requests: int, num_cpus: float) -> dict[str, Any
         "deployments": [
             {
                 "name": RAW_DEPLOYMENT,
-                "num_replicas": 1,
+                "num_replicas": replicas,
                 "max_ongoing_requests": max_ongoing_requests,
                 "ray_actor_options": {"num_cpus": num_cpus},
             }

@@ -68,7 +68,7 @@ def noop_spec(name: str, placement: str, *, delay_ms: float = 0.0, max_ongoing_r
 @dataclass
 class Scenario:
     label: str
-    url: str
+    url: str | list[str]
     request: Request
     concurrency: int
     count_units: Callable[[Answer], int] | None = None
@@ -115,6 +115,7 @@ class BenchOptions:
     imaging: bool = True
     llm: bool = True
     autoscale: bool = False
+    replicas: int = 1
     deployments_dir: Path = Path("deployments")
 
 
@@ -135,7 +136,8 @@ class BenchReport:
     def markdown(self) -> str:
         lines = [
             f"concurrency {self.options['concurrency']}, {self.options['rounds']} x {self.options['duration_s']:g} s "
-            f"per path, Ray Serve {'throughput-optimized (direct ingress)' if self.options['throughput_optimized'] else 'default (HTTP proxy)'}",
+            f"per path, {self.options['replicas']} replica(s) of the raw baseline and of the gateway, "
+            f"Ray Serve {'throughput-optimized (direct ingress)' if self.options['throughput_optimized'] else 'default (HTTP proxy)'}",
             "",
             "| path | conc. | requests | errors | req/s | p50 ms | p95 ms | p99 ms | tokens/s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -159,15 +161,23 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def _ready(platform: PrivatePlatform, headers: dict[str, str]) -> tuple[str, str]:
-    """The base URLs of the raw baseline and the gateway, once both answer."""
-    urls = platform.ingress_urls()
-    raw_url = (urls.get(RAW_APP) or [platform.proxy_url])[0]
-    gateway_url = (urls.get(GATEWAY_APP) or [platform.proxy_url])[0]
+def _ready(platform: PrivatePlatform, headers: dict[str, str], replicas: int) -> tuple[list[str], list[str]]:
+    """The base URLs of the raw baseline's and the gateway's replicas, once all answer."""
+    deadline = time.monotonic() + 120
+    while True:
+        urls = platform.ingress_urls()
+        raw_urls = urls.get(RAW_APP) or [platform.proxy_url]
+        gateway_urls = urls.get(GATEWAY_APP) or [platform.proxy_url]
+        on_proxy = raw_urls == [platform.proxy_url]
+        if on_proxy or (len(raw_urls) >= replicas and len(gateway_urls) >= replicas) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     # Direct ingress or proxy, the baseline answers under its route prefix.
-    wait_for_answer(raw_url, RAW_ROUTE, {}, NOOP_BODY)
-    wait_for_answer(gateway_url, "/v1/imaging/bench-noop", headers, NOOP_BODY)
-    return raw_url, gateway_url
+    for url in raw_urls:
+        wait_for_answer(url, RAW_ROUTE, {}, NOOP_BODY)
+    for url in gateway_urls:
+        wait_for_answer(url, "/v1/imaging/bench-noop", headers, NOOP_BODY)
+    return raw_urls, gateway_urls
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchReport:
@@ -184,12 +194,13 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
     specs: list[DeploymentSpec | PipelineSpec] = [in_gateway, by_handle, *extra]
     report = BenchReport(options={
         "concurrency": options.concurrency, "duration_s": options.duration_s, "rounds": options.rounds,
-        "throughput_optimized": options.throughput_optimized,
+        "throughput_optimized": options.throughput_optimized, "replicas": options.replicas,
     })
     log("starting a private Ray" + (" (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if options.throughput_optimized else ""))
     platform = start_private_platform(
         throughput_optimized=options.throughput_optimized,
-        extra_apps=[raw_application(max_ongoing_requests=256, num_cpus=0.25)],
+        extra_apps=[raw_application(max_ongoing_requests=256, num_cpus=0.25, replicas=options.replicas)],
+        gateway_replicas=options.replicas,
     )
     headers = {"Authorization": f"Bearer {platform.key}", "Content-Type": "image/png"}
     noop_request = Request("POST", "/v1/imaging/bench-noop", NOOP_BODY, headers)
@@ -200,8 +211,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         for durability in ("strict", "batched"):
             log(f"deploying (audit durability {durability})")
             platform.apply(specs, audit_durability=durability)
-            raw_url, gateway_url = _ready(platform, headers)
-            log(f"raw Ray Serve at {raw_url}{RAW_ROUTE}, gateway at {gateway_url}; measuring")
+            raw_url, gateway_url = _ready(platform, headers, options.replicas)
+            log(f"raw Ray Serve at {raw_url} {RAW_ROUTE}, gateway at {gateway_url}; measuring")
             raw, local, hop = _alternate([
                 Scenario(f"raw Ray Serve no-op ({durability} phase)", raw_url, raw_request, c),
                 Scenario(f"gateway, noop in gateway, audit {durability}", gateway_url, noop_request, c),
@@ -219,7 +230,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
     return report
 
 
-def _measure_models(options: BenchOptions, platform: PrivatePlatform, gateway_url: str, report: BenchReport,
+def _measure_models(options: BenchOptions, platform: PrivatePlatform, gateway_url: list[str], report: BenchReport,
                     log: Callable[[str], None]) -> None:
     auth = {"Authorization": f"Bearer {platform.key}"}
     if options.imaging:

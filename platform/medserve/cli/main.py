@@ -426,12 +426,14 @@ def _show_metrics(settings: Settings, dashboard_url: str, token: str | None, wit
 @click.option("--imaging/--no-imaging", default=True, show_default=True, help="Also measure the brain-MRI model.")
 @click.option("--llm/--no-llm", default=True, show_default=True, help="Also measure SmolLM2 tokens per second.")
 @click.option("--autoscale", is_flag=True, help="Also time a load step's scale-up and the way back down.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Replicas of the raw baseline and of the gateway alike (direct ingress: one port each).")
 @click.option("--deployments", "deployments_dir", type=click.Path(path_type=Path), default=None,
               help="Catalog holding the imaging and LLM demo specs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON here.")
 def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, imaging: bool, llm: bool,
-          autoscale: bool, deployments_dir: Path | None, json_path: Path | None) -> None:
+          autoscale: bool, replicas: int, deployments_dir: Path | None, json_path: Path | None) -> None:
     """Load raw Ray Serve and the gateway side by side in a private Ray; print throughput, p50/p95/p99, ratios.
 
     Starts its own Ray on free ports with its own SQLite (a running medserve is
@@ -443,7 +445,7 @@ def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, ima
     catalog_dir = deployments_dir or settings.deployments_dir
     options = BenchOptions(
         concurrency=concurrency, duration_s=duration_s, rounds=rounds, throughput_optimized=serve_mode == "throughput",
-        imaging=imaging, llm=llm, autoscale=autoscale, deployments_dir=Path(catalog_dir),
+        imaging=imaging, llm=llm, autoscale=autoscale, replicas=replicas, deployments_dir=Path(catalog_dir),
     )
     report = run_bench(options, log=lambda line: click.echo(line, err=True))
     click.echo(report.markdown())

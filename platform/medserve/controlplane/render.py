@@ -162,7 +162,11 @@ def replica_config(spec: DeploymentSpec) -> dict[str, Any]:
             "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
+            "metrics_interval_s": scaling.metrics_interval_s,
+            "look_back_period_s": scaling.look_back_period_s,
         }
+        if scaling.downscale_to_zero_delay_s is not None:
+            autoscaling["downscale_to_zero_delay_s"] = scaling.downscale_to_zero_delay_s
         if scaling.initial_replicas is not None:
             autoscaling["initial_replicas"] = scaling.initial_replicas
         config["autoscaling_config"] = autoscaling

@@ -25,7 +25,9 @@ def create_app() -> FastAPI:
         description="Authenticated, audited access to the hospital's models.",
     )
     install_error_handlers(app)
-    for module in (health, models, chat, imaging, oip, pipelines, reviews, admin_audit, admin_models):
+    # Hot routes first: Ray Serve names each request's route for its metrics by
+    # scanning the app's routes in order, before the app itself runs.
+    for module in (imaging, oip, chat, models, health, pipelines, reviews, admin_audit, admin_models):
         app.include_router(module.router)
     # The hot inference routes skip FastAPI's routing and dependency solving
     # (gateway/fastpath.py); their FastAPI routes stay for OpenAPI and docs.
