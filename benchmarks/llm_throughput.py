@@ -3,21 +3,20 @@
     python benchmarks/llm_throughput.py                      # starts its own local Ray on free ports
     python benchmarks/llm_throughput.py --url http://127.0.0.1:8000 --key msk_...   # a running gateway
 
-Same prompts, same parameters (greedy, fixed seed), in one run. The two paths
+Same prompts, same parameters (greedy, fixed seed), in one run. The paths
 alternate request by request, so a neighbour's load on the machine falls on
-both alike. The in-process engine is the same LlamaCppEngine class, built
-from the same spec, that the Serve replica runs. Prints a table and the
-ratio gateway / engine (target >= 0.95). A benchmark, not a test: it asserts
-nothing.
+all alike: the engine in this process (the same LlamaCppEngine class, built
+from the same spec, that a replica runs), the gateway reaching the model's own
+replica by DeploymentHandle, and the gateway with the engine loaded in its own
+replica (placement: gateway), each whole and streamed. Prints a table and the
+ratio of each to the engine (target >= 0.95). A benchmark, not a test: it
+asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,43 +37,11 @@ PROMPTS = [
 SPEC_NAME = "smollm2-demo"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_platform(spec) -> tuple[str, str, object]:  # type: ignore[no-untyped-def]
-    """A private local Ray with the gateway and this one model, as `medserve up` starts it."""
-    home = tempfile.mkdtemp(prefix="medserve-bench-")
-    os.environ.update({
-        "MEDSERVE_HOME": home,
-        "MEDSERVE_GATEWAY_PORT": str(_free_port()),
-        "MEDSERVE_RAY_DASHBOARD_PORT": str(_free_port()),
-        "MEDSERVE_RAY_HEAD_PORT": str(_free_port()),
-        "RAY_AUTH_MODE": "token",
-        # The demo model is a research-use version nobody has approved.
-        "MEDSERVE_REQUIRE_APPROVED_VERSIONS": "false",
-    })
-    from medserve.controlplane.local_ray import start_local_ray, stop_local_ray
-    from medserve.controlplane.reconcile import apply_catalog
-    from medserve.controlplane.render import RenderOptions
-    from medserve.controlplane.targets import RayClusterTarget
-    from medserve.db.engine import session_scope, upgrade
-    from medserve.security.api_keys import create_api_key
-    from medserve.settings import Settings
-
-    settings = Settings()
-    upgrade(settings.resolved_database_url)
-    settings.pseudonym_key_bytes()  # the keys exist before replicas race for them, as in `up`
-    settings.audit_signing_key_bytes()
-    connection = start_local_ray(settings)
-    apply_catalog(settings.resolved_database_url, [spec], RayClusterTarget(connection.dashboard_url,
-                  connection.auth_token), RenderOptions.from_settings(settings), registered_by="benchmark",
-                  require_approved=settings.require_approved_versions)
-    with session_scope(settings.resolved_database_url) as session:
-        _, key = create_api_key(session, name="benchmark", role="clinical-app")
-    return f"http://127.0.0.1:{settings.gateway_port}", key, lambda: stop_local_ray(settings)
+def in_gateway_variant(spec):  # type: ignore[no-untyped-def]
+    """The same model and artifact, loaded inside the gateway's replica (placement gateway)."""
+    model = spec.model.model_copy(update={"name": spec.model.name + "-in-gateway"})
+    return spec.model_copy(update={"name": spec.name + "-in-gateway", "model": model, "placement": "gateway",
+                                   "alias": None})
 
 
 def main() -> None:
@@ -83,6 +50,8 @@ def main() -> None:
     parser.add_argument("--key", help="API key for --url")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per answer")
+    parser.add_argument("--serve-mode", choices=["throughput", "default"], default="throughput",
+                        help="throughput: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress); default: Serve's proxy")
     args = parser.parse_args()
 
     from medserve.engines.base import GenerationParams
@@ -90,29 +59,43 @@ def main() -> None:
     from medserve.specs import load_catalog
 
     spec = next(s for s in load_catalog(REPO / "deployments") if s.name == SPEC_NAME)
+    here = in_gateway_variant(spec)
     stop = None
     url, key = args.url, args.key
+    models = {"gateway": spec.model.name}
     if url is None:
-        print("starting a private Ray with the gateway and", spec.model.name, "...", flush=True)
-        url, key, stop = _start_platform(spec)
+        from medserve.bench.private import start_private_platform
+
+        print("starting a private Ray with the gateway and", spec.model.name, "in both placements ...", flush=True)
+        # Logical CPUs (a scheduling budget, not cores): the model's replica and the
+        # gateway carrying the same engine each reserve theirs.
+        platform = start_private_platform(throughput_optimized=args.serve_mode == "throughput", ray_num_cpus=4)
+        stop = platform.stop
+        platform.apply([spec, here])
+        urls = platform.ingress_urls().get("gateway")
+        url, key = (urls[0] if urls else platform.proxy_url), platform.key
+        models["gateway, engine in gateway"] = here.model.name
     engine, _ = load_engine(spec)
     params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=1)
-    totals = {"engine": [0, 0.0], "gateway": [0, 0.0], "gateway (stream)": [0, 0.0]}
+    totals: dict[str, list[float]] = {"engine": [0, 0.0]}
+    for label in models:
+        totals[label] = [0, 0.0]
+        totals[label + " (stream)"] = [0, 0.0]
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
 
     def direct(prompt: str) -> int:
         tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
         return sum(p.tokens for p in engine.generate(tokens, params, threading.Event()))
 
-    def gateway(prompt: str) -> int:
-        body = {"model": spec.model.name, "messages": [{"role": "user", "content": prompt}],
+    def gateway(prompt: str, model: str) -> int:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": args.max_tokens, "temperature": 0, "seed": 1}
         response = client.post("/v1/chat/completions", json=body)
         response.raise_for_status()
         return response.json()["usage"]["completion_tokens"]
 
-    def gateway_stream(prompt: str) -> int:
-        body = {"model": spec.model.name, "messages": [{"role": "user", "content": prompt}], "stream": True,
+    def gateway_stream(prompt: str, model: str) -> int:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
                 "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens, "temperature": 0, "seed": 1}
         import json
 
@@ -125,11 +108,16 @@ def main() -> None:
                     tokens = usage["completion_tokens"] if usage else tokens
         return tokens
 
+    runs = [("engine", direct)]
+    for label, model in models.items():
+        runs.append((label, lambda prompt, model=model: gateway(prompt, model)))
+        runs.append((label + " (stream)", lambda prompt, model=model: gateway_stream(prompt, model)))
     try:
-        gateway(PROMPTS[0]), direct(PROMPTS[0])  # warm both paths
+        for _, run in runs:  # warm every path
+            run(PROMPTS[0])
         for _ in range(args.rounds):
             for prompt in PROMPTS:
-                for name, run in (("engine", direct), ("gateway", gateway), ("gateway (stream)", gateway_stream)):
+                for name, run in runs:
                     started = time.perf_counter()
                     tokens = run(prompt)
                     totals[name][0] += tokens

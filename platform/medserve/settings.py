@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         default=9090, ge=1, le=65535,
         description="Loopback port of the Prometheus that `up --with-prometheus` starts.",
     )
+    serve_throughput_optimized: bool = Field(
+        default=False,
+        description="Start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1: each gateway replica also "
+        "listens on a port of its own (direct ingress, 30000-31000) that clients or a load balancer reach "
+        "without the proxy hop, and deployments talk over gRPC. The proxy port keeps working.",
+    )
     ray_num_cpus: int | None = Field(
         default=None,
         gt=0,

@@ -161,3 +161,13 @@ def test_load_generator_counts_answers_statuses_and_latencies():
     assert set(result.statuses) == {200, 503} and result.errors == result.statuses[503]
     assert 0 < result.percentile_ms(50) <= result.percentile_ms(99)
     assert result.summary()["throughput_rps"] == pytest.approx(result.requests / 0.5, rel=0.01)
+
+
+def test_an_engine_that_would_make_the_gateway_unplaceable_is_skipped_with_the_reason():
+    from medserve.controlplane.reconcile import plan
+
+    small = noop_spec("noop-small", "gateway", num_cpus=0.5)
+    large = noop_spec("noop-large", "gateway", num_cpus=1.5)
+    items = plan([small, large], [{"CPU": 2.0}], gateway_num_cpus=0.25)
+    assert [item.deploy for item in items] == [True, False]
+    assert "gateway's replica would need 2.25 CPUs, the largest node has 2" in (items[1].reason or "")

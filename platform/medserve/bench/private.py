@@ -64,23 +64,10 @@ class PrivatePlatform:
                              registered_by="benchmark", require_approved=False)
 
     def ingress_urls(self) -> dict[str, list[str]]:
-        """Application name -> base URLs of its HTTP ingress.
-
-        With Ray Serve's direct ingress (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) each
-        ingress replica listens on a port of its own, and clients (or the
-        hospital's load balancer) connect to it without the proxy hop; without
-        it, every application answers on the proxy's port.
-        """
-        body = self.target._request("GET", "/api/serve/applications/").json()  # noqa: SLF001
-        urls: dict[str, list[str]] = {}
-        for group in body.get("target_groups") or []:
-            if str(group.get("protocol", "")).upper() != "HTTP" or not group.get("app_name"):
-                continue
-            # Replicas report their node's address, but listen where http_options
-            # told them to: on this private platform, loopback.
-            host = self.settings.gateway_host if self.settings.gateway_host not in ("0.0.0.0", "::") else None
-            urls[group["app_name"]] = [f"http://{host or t['ip']}:{t['port']}" for t in group.get("targets") or []]
-        return urls
+        """Application name -> base URLs of its direct-ingress replicas (empty through the proxy)."""
+        # Replicas listen where http_options told them to: on this private platform, loopback.
+        host = self.settings.gateway_host if self.settings.gateway_host not in ("0.0.0.0", "::") else None
+        return self.target.ingress_targets(host)
 
 
 def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[str, Any]] | None = None,

@@ -31,7 +31,7 @@ from medserve.bench.private import PrivatePlatform, start_private_platform, wait
 from medserve.bench.raw_app import RAW_APP, RAW_ROUTE, raw_application
 from medserve.bench.scaling import ReplicaWatch, ScalingTimes, scaling_times
 from medserve.controlplane.render import GATEWAY_APP, app_name_for
-from medserve.specs import DeploymentSpec, PipelineSpec, parse_spec
+from medserve.specs import DeploymentSpec, PipelineSpec, load_catalog, parse_spec
 
 NOOP_BODY = b"\x89PNG-bench-" + bytes(53)  # 64 bytes; the noop engine never reads it
 IMAGING_MODEL = "brain-mri-tumour"
@@ -181,8 +181,6 @@ def _ready(platform: PrivatePlatform, headers: dict[str, str], replicas: int) ->
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchReport:
-    from medserve.specs import load_catalog
-
     catalog = load_catalog(options.deployments_dir)
     extra: list[DeploymentSpec | PipelineSpec] = []
     if options.imaging:
@@ -237,18 +235,22 @@ def _measure_models(options: BenchOptions, platform: PrivatePlatform, gateway_ur
         from pydicom.data import get_testdata_file
 
         dicom = Path(str(get_testdata_file("MR_small.dcm"))).read_bytes()
-        request = Request("POST", f"/v1/imaging/{IMAGING_MODEL}", dicom, {**auth, "Content-Type": "application/dicom"})
+        imaging = next(spec for spec in load_catalog(options.deployments_dir)
+                       if isinstance(spec, DeploymentSpec) and spec.name == IMAGING_MODEL)
+        request = Request("POST", f"/v1/imaging/{imaging.model.name}", dicom, {**auth, "Content-Type": "application/dicom"})
         log("measuring the imaging model")
         result = Scenario(f"gateway, {IMAGING_MODEL} (MR_small.dcm)", gateway_url, request,
                           min(4, options.concurrency))
         result.run(options.duration_s, options.warmup_s)
         report.results.append(result.combined().summary())
     if options.llm:
-        body = {"model": LLM_MODEL, "messages": [{"role": "user", "content": "Describe how to take a blood pressure reading."}],
+        llm = next(spec for spec in load_catalog(options.deployments_dir)
+                   if isinstance(spec, DeploymentSpec) and spec.name == LLM_MODEL)
+        body = {"model": llm.model.name, "messages": [{"role": "user", "content": "Describe how to take a blood pressure reading."}],
                 "max_tokens": 64, "temperature": 0, "seed": 1}
         request = json_request("/v1/chat/completions", body, auth)
         log("measuring LLM tokens per second")
-        scenario = Scenario(f"gateway, {LLM_MODEL} chat (64 tokens)", gateway_url, request, 1, _completion_tokens)
+        scenario = Scenario(f"gateway, {llm.model.name} chat (64 tokens)", gateway_url, request, 1, _completion_tokens)
         scenario.run(max(options.duration_s, 15.0), options.warmup_s)
         report.results.append(scenario.combined().summary())
 

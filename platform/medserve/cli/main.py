@@ -507,6 +507,10 @@ def up(detach: bool, deployments_dir: Path | None, with_prometheus: bool) -> Non
     base = f"http://{settings.gateway_host}:{settings.gateway_port}"
     click.echo("")
     click.echo(f"medserve gateway: {base}  (health: {base}/healthz, models: {base}/v1/models)")
+    if settings.serve_throughput_optimized:
+        loopback = settings.gateway_host if settings.gateway_host in ("127.0.0.1", "localhost", "::1") else None
+        for replica_url in target.ingress_targets(loopback).get("gateway", []):
+            click.echo(f"  gateway replica, direct ingress (no proxy hop): {replica_url}")
     click.echo(f"demo API key (clinical-app): {demo_key}")
     click.echo(f'try: curl -H "Authorization: Bearer {demo_key}" {base}/v1/models')
     click.echo(f"Ray dashboard: {dashboard_url}")

@@ -45,6 +45,10 @@ def ray_environment(settings: Settings) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = ray_auth_token(settings)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if settings.serve_throughput_optimized:
+        # Read by Serve's controller and replicas when they start: direct
+        # ingress, gRPC between deployments (measured in `medserve bench`).
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     # Replicas resolve settings from their environment; make paths absolute so
     # they find the same database and keys whatever their working directory.
     env["MEDSERVE_HOME"] = str(settings.resolved_home)

@@ -59,12 +59,26 @@ def capacity_problem(spec: DeploymentSpec, nodes: list[dict[str, float]]) -> str
 
 
 def plan(
-    specs: list[DeploymentSpec | PipelineSpec], nodes: list[dict[str, float]], *, check_engines: bool = True
+    specs: list[DeploymentSpec | PipelineSpec], nodes: list[dict[str, float]], *, check_engines: bool = True,
+    gateway_num_cpus: float = 0.0,
 ) -> list[PlanItem]:
-    """One item per model deployment (pipelines need no capacity of their own)."""
+    """One item per model deployment (pipelines need no capacity of their own).
+
+    Engines placed in the gateway add their CPUs to the gateway's replica; one
+    that would make that replica too large for every node is skipped, since a
+    gateway Ray cannot place would take every model down with it.
+    """
     items = []
+    gateway_cpus = gateway_num_cpus
+    largest_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
     for spec in deployments_of(specs):
         reason = capacity_problem(spec, nodes)
+        if reason is None and spec.placement == "gateway":
+            if gateway_cpus + spec.resources.num_cpus > largest_cpus:
+                reason = (f"placement gateway: the gateway's replica would need "
+                          f"{gateway_cpus + spec.resources.num_cpus:g} CPUs, the largest node has {largest_cpus:g}")
+            else:
+                gateway_cpus += spec.resources.num_cpus
         if reason is None and check_engines:
             available, reason = engine_available(spec.model.engine)
         items.append(PlanItem(spec, deploy=reason is None, reason=reason))
@@ -168,7 +182,8 @@ def apply_catalog(
     """
     pipelines = pipelines_of(specs)
     specs = deployments_of(specs)
-    items = plan(specs, target.node_resources(), check_engines=check_engines)
+    items = plan(specs, target.node_resources(), check_engines=check_engines,
+                 gateway_num_cpus=options.gateway_num_cpus)
     versions: dict[str, list[DeploymentSpec]] = {}
     refused: list[str] = []
     final: list[PlanItem] = []

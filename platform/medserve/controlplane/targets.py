@@ -95,6 +95,21 @@ class RayClusterTarget:
     def delete_all(self) -> None:
         self._request("DELETE", "/api/serve/applications/")
 
+    def ingress_targets(self, host_override: str | None = None) -> dict[str, list[str]]:
+        """Application name -> base URLs of its ingress replicas' own HTTP ports.
+
+        Only with Ray Serve's direct ingress (RAY_SERVE_THROUGHPUT_OPTIMIZED=1);
+        empty otherwise. Replicas report their node's address; ``host_override``
+        replaces it where they listen elsewhere (loopback).
+        """
+        body = self._request("GET", "/api/serve/applications/").json()
+        urls: dict[str, list[str]] = {}
+        for group in body.get("target_groups") or []:
+            if str(group.get("protocol", "")).upper() != "HTTP" or not group.get("app_name"):
+                continue
+            urls[group["app_name"]] = [f"http://{host_override or t['ip']}:{t['port']}" for t in group.get("targets") or []]
+        return urls
+
     def node_resources(self, wait_s: float = 30.0) -> list[dict[str, float]]:
         # Right after `ray start` the dashboard answers before the head node
         # has reported its resources; wait briefly for at least one node.
