@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from medserve.bench.loadgen import Request, measure
+from medserve.bench.private import wait_for_answer
 from medserve.bench.runner import noop_spec
 from medserve.bench.scaling import ReplicaWatch, replica_counts, scaling_times
 from medserve.controlplane.render import app_name_for
@@ -37,19 +38,8 @@ BODY = b"x" * 64  # the noop engine never reads it
 
 def _wait_for_200(platform: Platform, path: str, key: str, timeout_s: float = 120.0) -> None:
     """Until the model answers (no patient id: these rows belong to no test's count)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    with platform.client(key, timeout=30.0) as client:
-        while time.monotonic() < deadline:
-            try:
-                response = client.post(path, content=BODY, headers={"Content-Type": "image/png"})
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-            except httpx.HTTPError as error:
-                last = type(error).__name__
-            time.sleep(0.5)
-    raise AssertionError(f"{path} did not answer 200 in {timeout_s:.0f} s ({last})")
+    wait_for_answer(platform.base_url, path, {"Authorization": f"Bearer {key}", "Content-Type": "image/png"},
+                    BODY, timeout_s=timeout_s)
 
 
 def _deploy(platform: Platform, spec: DeploymentSpec) -> None:
