@@ -71,7 +71,11 @@ def main() -> None:
         # gateway carrying the same engine each reserve theirs.
         platform = start_private_platform(throughput_optimized=args.serve_mode == "throughput", ray_num_cpus=4)
         stop = platform.stop
-        platform.apply([spec, here])
+        try:
+            platform.apply([spec, here])
+        except BaseException:
+            stop()  # never leave the private Ray running
+            raise
         urls = platform.ingress_urls().get("gateway")
         url, key = (urls[0] if urls else platform.proxy_url), platform.key
         models["gateway, engine in gateway"] = here.model.name

@@ -195,8 +195,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         "throughput_optimized": options.throughput_optimized, "replicas": options.replicas,
     })
     log("starting a private Ray" + (" (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if options.throughput_optimized else ""))
+    # Logical CPUs (Ray's scheduling budget, not cores): the demo models, the
+    # baseline and the gateway reserve 2.5 of them between them.
     platform = start_private_platform(
-        throughput_optimized=options.throughput_optimized,
+        throughput_optimized=options.throughput_optimized, ray_num_cpus=max(4, 2 * options.replicas + 2),
         extra_apps=[raw_application(max_ongoing_requests=256, num_cpus=0.25, replicas=options.replicas)],
         gateway_replicas=options.replicas,
     )

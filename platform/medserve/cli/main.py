@@ -441,6 +441,10 @@ def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, ima
     """
     from medserve.bench.runner import BenchOptions, run_bench
 
+    def _terminate(_signum: int, _frame: Any) -> None:
+        raise SystemExit(143)  # unwinds through run_bench's finally, which stops the private Ray
+
+    signal.signal(signal.SIGTERM, _terminate)
     settings = _settings()
     catalog_dir = deployments_dir or settings.deployments_dir
     options = BenchOptions(
