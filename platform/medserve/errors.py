@@ -261,6 +261,10 @@ class ModelOverloadedError(ModelUnavailableError):
     code = "model_overloaded"
     default_message = "The model is at capacity; retry after the time in Retry-After."
 
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        details.setdefault("retry_after_s", 1)  # a queue drains in about a second: come back then
+        super().__init__(message, **details)
+
 
 class InferenceError(MedserveError):
     code = "inference_failed"

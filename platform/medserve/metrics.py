@@ -25,7 +25,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 logger = logging.getLogger("medserve.metrics")
@@ -48,15 +48,11 @@ class MetricDef:
     description: str
     labels: tuple[str, ...]
     buckets: tuple[float, ...] | None = None
+    # The labels as a set, made once: every record is checked against it.
+    label_set: frozenset[str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def label_set(self) -> frozenset[str]:
-        # Not a field: computed once per definition, compared on every record.
-        cached = self.__dict__.get("_label_set")
-        if cached is None:
-            cached = frozenset(self.labels)
-            object.__setattr__(self, "_label_set", cached)
-        return cached
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_set", frozenset(self.labels))
 
     @property
     def exported_name(self) -> str:

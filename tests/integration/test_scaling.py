@@ -172,16 +172,16 @@ def test_a_full_queue_answers_503_model_overloaded_at_once_and_each_request_is_a
         assert ok, "nothing was served"
         # One in flight and two waiting: the queue is bounded, the rest are refused.
         assert len(ok) <= 3, f"{len(ok)} answered 200: the queue was not bounded"
-        for response, took in ok:
+        for response, _ in ok:
             assert json_of(response)["model"] == spec.name
-            assert took < 2.0 * 3 + 5  # the third in line waited for two before it, not longer
+        first_answer_s = min(took for _, took in ok)  # held its slot for the engine's 2 s
         for response, took in overloaded:
             body = json_of(response)
             assert body["error"]["code"] == "model_overloaded", body
             retry_after = response.headers.get("retry-after", "")
             assert retry_after.isdigit() and int(retry_after) > 0, retry_after
-            # Refused at once, not after waiting in a queue (which would take 2 s per request ahead).
-            assert took < 1.5, f"a 503 took {took:.2f} s"
+            # Refused at admission: before even the first admitted request had its answer.
+            assert took < first_answer_s, f"a 503 took {took:.2f} s, the first 200 {first_answer_s:.2f} s"
 
         # Each request left exactly one row, with the code the caller saw.
         rows = platform.audit_rows_for_patient(patient)

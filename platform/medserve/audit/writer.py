@@ -235,12 +235,9 @@ class AuditWriter:
         checkpoint_every: int = 1000,
         retry_s: float = 1.0,
         db_timeout_s: float = 5.0,
-        linger_s: float = 0.01,
     ) -> None:
         self._database_url = database_url
         self._batch_max = batch_max
-        # How long a batch of records nobody waits for may gather before its commit.
-        self._linger_s = linger_s
         self._spool_dir = spool_dir
         self._checkpoint_every = checkpoint_every
         self._retry_s = retry_s
@@ -356,31 +353,15 @@ class AuditWriter:
             return [], True
         batch = [first]
         stop = False
-        # Nobody waits on a batched-mode record: gather for a moment rather than
-        # commit each as it comes (fewer commits, fewer wake-ups of this thread
-        # contending with the event loop for the GIL). A durable record ends the wait.
-        durable_waiting = first[2] is not None
-        deadline: float | None = None
         while len(batch) < self._batch_max:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                if durable_waiting or self._linger_s <= 0:
-                    break
-                if deadline is None:
-                    deadline = time.monotonic() + self._linger_s
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
+                break
             if item is _STOP:
                 stop = True
                 break
             batch.append(item)
-            durable_waiting = durable_waiting or item[2] is not None
         return batch, stop
 
     def _run(self) -> None:

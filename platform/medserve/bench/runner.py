@@ -181,12 +181,10 @@ def _ready(platform: PrivatePlatform, headers: dict[str, str], replicas: int) ->
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchReport:
-    catalog = load_catalog(options.deployments_dir)
-    extra: list[DeploymentSpec | PipelineSpec] = []
-    if options.imaging:
-        extra += [s for s in catalog if s.name == IMAGING_MODEL]
-    if options.llm:
-        extra += [s for s in catalog if s.name == LLM_MODEL]
+    catalog = {spec.name: spec for spec in load_catalog(options.deployments_dir) if isinstance(spec, DeploymentSpec)}
+    imaging = catalog[IMAGING_MODEL] if options.imaging else None
+    llm = catalog[LLM_MODEL] if options.llm else None
+    extra: list[DeploymentSpec | PipelineSpec] = [spec for spec in (imaging, llm) if spec is not None]
     in_gateway = noop_spec("bench-noop", "gateway")
     by_handle = noop_spec("bench-noop-replica", "replicas")
     specs: list[DeploymentSpec | PipelineSpec] = [in_gateway, by_handle, *extra]
@@ -222,7 +220,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
             report.add_ratio(f"gateway (noop in gateway, {durability}) / raw", local, raw)
             report.add_ratio(f"gateway (noop by handle, {durability}) / raw", hop, raw)
             if durability == "strict":
-                _measure_models(options, platform, gateway_url, report, log)
+                _measure_models(options, imaging, llm, platform, gateway_url, report, log)
         if options.autoscale:
             report.scaling = _measure_autoscaling(options, platform, log)
     finally:
@@ -230,24 +228,21 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
     return report
 
 
-def _measure_models(options: BenchOptions, platform: PrivatePlatform, gateway_url: list[str], report: BenchReport,
+def _measure_models(options: BenchOptions, imaging: DeploymentSpec | None, llm: DeploymentSpec | None,
+                    platform: PrivatePlatform, gateway_url: list[str], report: BenchReport,
                     log: Callable[[str], None]) -> None:
     auth = {"Authorization": f"Bearer {platform.key}"}
-    if options.imaging:
+    if imaging is not None:
         from pydicom.data import get_testdata_file
 
         dicom = Path(str(get_testdata_file("MR_small.dcm"))).read_bytes()
-        imaging = next(spec for spec in load_catalog(options.deployments_dir)
-                       if isinstance(spec, DeploymentSpec) and spec.name == IMAGING_MODEL)
         request = Request("POST", f"/v1/imaging/{imaging.model.name}", dicom, {**auth, "Content-Type": "application/dicom"})
         log("measuring the imaging model")
         result = Scenario(f"gateway, {IMAGING_MODEL} (MR_small.dcm)", gateway_url, request,
                           min(4, options.concurrency))
         result.run(options.duration_s, options.warmup_s)
         report.results.append(result.combined().summary())
-    if options.llm:
-        llm = next(spec for spec in load_catalog(options.deployments_dir)
-                   if isinstance(spec, DeploymentSpec) and spec.name == LLM_MODEL)
+    if llm is not None:
         body = {"model": llm.model.name, "messages": [{"role": "user", "content": "Describe how to take a blood pressure reading."}],
                 "max_tokens": 64, "temperature": 0, "seed": 1}
         request = json_request("/v1/chat/completions", body, auth)

@@ -23,7 +23,7 @@ class ReplicaSample:
 
 def replica_counts(target: Any, app_name: str, deployment: str = ENGINE_DEPLOYMENT) -> tuple[int, int]:
     """(target_num_replicas, replicas RUNNING) of one deployment, from GET /api/serve/applications/."""
-    body = target._request("GET", "/api/serve/applications/").json()  # noqa: SLF001
+    body = target.serve_details()
     details = (body.get("applications") or {}).get(app_name, {}).get("deployments", {}).get(deployment)
     if not details:
         return 0, 0

@@ -84,9 +84,13 @@ class RayClusterTarget:
                     raise
             time.sleep(2.0)
 
+    def serve_details(self) -> dict[str, Any]:
+        """Serve's whole status document (GET /api/serve/applications/): applications,
+        their deployments and replicas, and direct-ingress target groups."""
+        return self._request("GET", "/api/serve/applications/").json()
+
     def application_status(self) -> dict[str, dict[str, Any]]:
-        body = self._request("GET", "/api/serve/applications/").json()
-        apps = body.get("applications") or {}
+        apps = self.serve_details().get("applications") or {}
         return {
             name: {"status": details.get("status"), "message": details.get("message") or ""}
             for name, details in apps.items()
@@ -102,9 +106,8 @@ class RayClusterTarget:
         empty otherwise. Replicas report their node's address; ``host_override``
         replaces it where they listen elsewhere (loopback).
         """
-        body = self._request("GET", "/api/serve/applications/").json()
         urls: dict[str, list[str]] = {}
-        for group in body.get("target_groups") or []:
+        for group in self.serve_details().get("target_groups") or []:
             if str(group.get("protocol", "")).upper() != "HTTP" or not group.get("app_name"):
                 continue
             urls[group["app_name"]] = [f"http://{host_override or t['ip']}:{t['port']}" for t in group.get("targets") or []]

@@ -13,8 +13,6 @@ import asyncio
 import contextvars
 import hashlib
 import logging
-import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -37,32 +35,6 @@ logger = logging.getLogger("medserve.gateway.audit")
 current_scope: contextvars.ContextVar["AuditScope | None"] = contextvars.ContextVar("medserve_audit", default=None)
 
 
-class _Uuid4Source:
-    """Random (version 4) UUIDs from one os.urandom read per 256 of them.
-
-    A getrandom syscall per request showed in the gateway's profile; the bytes
-    are the same kernel randomness, read in bulk.
-    """
-
-    _BATCH = 256
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._offset = 0
-
-    def __call__(self) -> uuid.UUID:
-        with self._lock:
-            if self._offset >= len(self._buffer):
-                self._buffer, self._offset = os.urandom(16 * self._BATCH), 0
-            raw = self._buffer[self._offset:self._offset + 16]
-            self._offset += 16
-        return uuid.UUID(bytes=raw, version=4)
-
-
-new_inference_id = _Uuid4Source()
-
-
 def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
@@ -73,7 +45,7 @@ class AuditScope:
 
     operation: str
     model_name: str | None
-    id: uuid.UUID = field(default_factory=new_inference_id)
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
     principal: Principal | None = None
     entry: CatalogEntry | None = None
     input_sha256: str | None = None

@@ -53,9 +53,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
-        logger.error("unhandled %s in gateway", type(error).__name__)
-        return internal_error_response()
+        return response_for(error)
 
 
-def internal_error_response() -> JSONResponse:
+def response_for(error: Exception) -> JSONResponse:
+    """Any exception as the caller sees it: a MedserveError's code, else a bare 500."""
+    if isinstance(error, MedserveError):
+        return error_response(error)
+    logger.error("unhandled %s in gateway", type(error).__name__)
     return JSONResponse({"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500)

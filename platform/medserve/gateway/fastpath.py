@@ -13,7 +13,6 @@ requests.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from medserve.errors import MedserveError
-from medserve.gateway.errors import error_response, internal_error_response
-from medserve.gateway.state import GatewayState, get_gateway
-
-logger = logging.getLogger("medserve.gateway")
+from medserve.gateway.errors import response_for
+from medserve.gateway.state import GatewayState, get_gateway, route_path
 
 Handler = Callable[[GatewayState, str, Request], Awaitable[Response]]
 
@@ -54,10 +50,7 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and self.fast_routes:
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            method = scope["method"]
+            path, method = route_path(scope), scope["method"]
             for route in self.fast_routes:
                 if route.method == method:
                     name = route.name_in(path)
@@ -85,16 +78,9 @@ class _FastRequest(Request):
 
 
 async def _serve(handler: Handler, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    # The same exception-to-HTTP mapping as the FastAPI handlers in gateway/errors.py.
     response: Response
     try:
         response = await handler(await get_gateway(), name, _FastRequest(scope, receive))
-    except MedserveError as error:
-        response = error_response(error)
-    except Exception as error:  # noqa: BLE001 - never a traceback or exception text to the caller
-        logger.error("unhandled %s in gateway", type(error).__name__)
-        response = internal_error_response()
+    except Exception as error:  # noqa: BLE001 - the FastAPI handlers' mapping, never exception text
+        response = response_for(error)
     await response(scope, receive, send)
-
-
-

@@ -209,7 +209,7 @@ class PriorityGate:
         if self.in_flight < self.capacity and not self.waiting:
             self.in_flight += 1
         elif self.max_waiting is not None and self.waiting >= self.max_waiting:
-            raise ModelOverloadedError(model=self.model, retry_after_s=1)
+            raise ModelOverloadedError(model=self.model)
         else:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             heapq.heappush(self._waiters, (PRIORITY_ORDER.get(priority_class, 1), next(self._counter), future))

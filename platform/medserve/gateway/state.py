@@ -190,7 +190,7 @@ class GatewayState:
         if audit is not None:
             audit.principal = principal  # a refusal below still names the caller
         try:
-            permission = route_permission(request.method, route or _route_path(request))
+            permission = route_permission(request.method, route or route_path(request.scope))
         except UndeclaredRouteError:
             # The path is not logged: a concrete path can carry identifiers.
             logger.error("a %s route missing from ROUTE_PERMISSIONS was called", request.method)
@@ -307,7 +307,7 @@ class GatewayState:
             raise
         except BackPressureError:
             # Ray Serve's queue for the model (max_queued_requests) is full.
-            raise ModelOverloadedError(model=entry.model_name, retry_after_s=OVERLOAD_RETRY_AFTER_S) from None
+            raise ModelOverloadedError(model=entry.model_name) from None
         except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
             logger.warning("call to %s failed: %s", entry.app_name, type(error).__name__)
             raise ModelUnavailableError(model=entry.model_name) from None
@@ -315,13 +315,20 @@ class GatewayState:
             raise error_from_payload(result)
         return result
 
-    async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
+    def _local_engine(self, entry: CatalogEntry) -> Any | None:
+        """The engine this replica loaded for the entry (placement gateway), else None."""
+        if entry.placement != "gateway":
+            return None
         local = self.local_engines.get(entry.app_name)
+        if local is None:
+            raise ModelUnavailableError(model=entry.model_name)  # it failed to load here (logged)
+        return local
+
+    async def _call(self, entry: CatalogEntry, method: str, *args: Any) -> dict[str, Any]:
+        local = self._local_engine(entry)
         if local is not None:
             # In this replica: the same ModelServer method, without the handle hop.
             response = getattr(local, method)(*args)
-        elif entry.placement == "gateway":
-            raise ModelUnavailableError(model=entry.model_name)  # its engine failed to load here (logged)
         else:
             response = getattr(self._handle(entry), method).remote(*args)
         return await self._answer(entry, response, self.settings.request_timeout_s)
@@ -332,24 +339,25 @@ class GatewayState:
         Closing this generator early (the client went away) cancels the call
         on the replica, which stops the generation.
         """
-        local = self.local_engines.get(entry.app_name)
-        if local is not None:
-            handle: Any = _LocalStreams(local)
-        elif entry.placement == "gateway":
-            raise ModelUnavailableError(model=entry.model_name)
-        else:
-            handle = self._stream_handles.get(entry.app_name)
-            if handle is None:
-                handle = self._handle(entry).options(stream=True)
-                self._stream_handles[entry.app_name] = handle
+        local = self._local_engine(entry)
         # Admission (budget, priority slot) holds for the whole stream; its
         # audited tokens count towards the caller's later requests.
         async with self._admitted(entry):
-            async for item in self._stream(handle, entry, method, *args):
+            if local is not None:
+                responses: Any = _LocalStream(getattr(local, method)(*args))
+            else:
+                responses = getattr(self._stream_handle(entry), method).remote(*args)
+            async for item in self._stream(responses, entry):
                 yield item
 
-    async def _stream(self, handle: Any, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
-        responses = getattr(handle, method).remote(*args)
+    def _stream_handle(self, entry: CatalogEntry) -> Any:
+        handle = self._stream_handles.get(entry.app_name)
+        if handle is None:
+            handle = self._handle(entry).options(stream=True)
+            self._stream_handles[entry.app_name] = handle
+        return handle
+
+    async def _stream(self, responses: Any, entry: CatalogEntry) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s  # one deadline for the whole answer
         try:
@@ -361,10 +369,6 @@ class GatewayState:
                 yield item
         finally:
             responses.cancel()
-
-
-# Seconds a client is told to wait when a model's queue is full.
-OVERLOAD_RETRY_AFTER_S = 1
 
 
 def load_local_engines(catalog: Catalog, *, allow_unpinned: bool = False) -> dict[str, Any]:
@@ -387,25 +391,10 @@ def load_local_engines(catalog: Catalog, *, allow_unpinned: bool = False) -> dic
     return engines
 
 
-class _LocalStreams:
-    """A streaming call to an engine in this replica, shaped like a streaming
-    DeploymentHandle: ``.method.remote(...)`` gives an async iterator with ``cancel()``."""
-
-    def __init__(self, server: Any) -> None:
-        self._server = server
-
-    def __getattr__(self, method: str) -> Any:
-        server = self._server
-
-        class _Method:
-            @staticmethod
-            def remote(*args: Any) -> "_LocalStream":
-                return _LocalStream(getattr(server, method)(*args))
-
-        return _Method
-
-
 class _LocalStream:
+    """A streaming call to an engine in this replica, shaped like a streaming
+    DeploymentHandle's response: ``__anext__`` and ``cancel()``."""
+
     def __init__(self, generator: Any) -> None:
         self._generator = generator
 
@@ -423,9 +412,9 @@ class _LocalStream:
 _closing: set[asyncio.Task[None]] = set()
 
 
-def _route_path(request: Request) -> str:
+def route_path(scope: dict[str, Any]) -> str:
     """The request's path inside the app (without the ASGI root_path a proxy may add)."""
-    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    path, root = scope.get("path", ""), scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
 
 
