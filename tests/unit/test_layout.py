@@ -26,3 +26,19 @@ def test_ray_init_is_forbidden_in_unit_tests():
 
     with pytest.raises(RuntimeError, match="must not start"):
         ray.init()
+
+
+def test_git_tracks_source_only(repo_root):
+    """No tracked file over 2 MB and no tracked executable binary (tools install them; git holds source)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout
+    paths = [repo_root / name for name in listed.decode().split("\0") if name]
+    too_large = [str(p.relative_to(repo_root)) for p in paths if p.is_file() and p.stat().st_size > 2 * 1024 * 1024]
+    binaries = []
+    for path in paths:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+            if head == b"\x7fELF" or head[:2] == b"MZ":
+                binaries.append(str(path.relative_to(repo_root)))
+    assert len(paths) > 100  # the listing worked
+    assert too_large == [] and binaries == []
