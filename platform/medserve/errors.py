@@ -280,6 +280,15 @@ class AuditUnavailableError(MedserveError):
     default_message = "The audit trail is unavailable; the request was not answered."
 
 
+class DatabaseUnavailableError(MedserveError):
+    """The database did not answer and no last-known-good copy can stand in (a key never seen
+    before, a route that reads or writes the registry itself): retrying after it returns helps."""
+
+    code = "database_unavailable"
+    http_status = 503
+    default_message = "The database is unavailable; retry later."
+
+
 class NotFoundError(MedserveError):
     code = "not_found"
     http_status = 404

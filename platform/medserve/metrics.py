@@ -124,6 +124,21 @@ AUDIT_COMMIT_DURATION = _define(
     "Time of one audit batch commit.",
     (), AUDIT_COMMIT_BUCKETS_S,
 )
+# --- gateway state and failures ------------------------------------------------------
+STATE_REFRESH_FAILURES = _define(
+    "medserve_gateway_state_refresh_failures_total", "counter",
+    "Reloads of a gateway's last-known-good state (keys, routes, token_usage) from the database that failed.",
+    ("state",),
+)
+STATE_AGE = _define(
+    "medserve_gateway_state_age_seconds", "gauge",
+    "Seconds since a gateway replica last loaded this state from the database (it answers from that copy).",
+    ("state", "replica"),
+)
+UNHANDLED_ERRORS = _define(
+    "medserve_gateway_unhandled_errors_total", "counter",
+    "Requests answered 500 internal_error: a failure no typed error covers, which is a bug.",
+)
 # --- engine replicas ---------------------------------------------------------------
 MODEL_INFO = _define(
     "medserve_model_info", "gauge",
@@ -296,10 +311,25 @@ def record_audit_commit(*, records: int, failed: bool, duration_s: float) -> Non
     _record(AUDIT_COMMIT_DURATION, max(duration_s, 0.0))
 
 
-def init_audit_counters() -> None:
-    """Export the audit counters at zero from the start: 'no failures' is data, not absence."""
+def init_gateway_counters(states: tuple[str, ...] = ()) -> None:
+    """Export the gateway's failure counters at zero from the start: 'no failures' is data, not absence."""
     _record(AUDIT_RECORDS_WRITTEN, 0)
     _record(AUDIT_WRITE_FAILURES, 0)
+    _record(UNHANDLED_ERRORS, 0)
+    for state in states:
+        _record(STATE_REFRESH_FAILURES, 0, state=bounded(state))
+
+
+def record_state_refresh_failure(state: str) -> None:
+    _record(STATE_REFRESH_FAILURES, 1, state=bounded(state))
+
+
+def set_state_age(state: str, age_s: float) -> None:
+    _record(STATE_AGE, max(age_s, 0.0), state=bounded(state), replica=replica_id())
+
+
+def record_unhandled_error() -> None:
+    _record(UNHANDLED_ERRORS, 1)
 
 
 def set_audit_spool_records(count: int) -> None:
@@ -388,13 +418,17 @@ class Sampler:
 
 
 def gateway_sampler(
-    queue_depth: Callable[[], int], spool_records: Callable[[], int], interval_s: float = 5.0
+    queue_depth: Callable[[], int], spool_records: Callable[[], int],
+    state_ages: Callable[[], dict[str, float]] = dict, interval_s: float = 5.0,
 ) -> Sampler:
-    """Gateway replica gauges: audit queue depth and spool size (read from the audit writer)."""
+    """Gateway replica gauges: audit queue depth and spool size (read from the audit writer), and the
+    age of each last-known-good state."""
 
     def sample() -> None:
         set_audit_queue_depth(queue_depth())
         set_audit_spool_records(spool_records())
+        for state, age in state_ages().items():
+            set_state_age(state, age)
 
     return Sampler(sample, interval_s)
 

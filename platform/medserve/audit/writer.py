@@ -47,8 +47,10 @@ from medserve.errors import AuditUnavailableError
 logger = logging.getLogger("medserve.audit")
 
 _STOP = object()
+# Where a durable record landed, as its producer learns it: None when it could be neither.
+COMMITTED, SPOOLED = "committed", "spooled"
 # (record, the producer's event loop, its future or None when it does not wait)
-_Item = tuple[dict[str, Any], asyncio.AbstractEventLoop, "asyncio.Future[bool] | None"]
+_Item = tuple[dict[str, Any], asyncio.AbstractEventLoop, "asyncio.Future[str | None] | None"]
 _REPLAY_CHUNK = 2000
 _ORPHAN_SCAN_S = 10.0
 
@@ -117,9 +119,9 @@ def _on_conflict_do_nothing(engine: Engine, table: Any) -> Any:
     return insert(table).on_conflict_do_nothing(index_elements=["id"])
 
 
-def _settle(batch: list[_Item], durable: bool) -> None:
+def _settle(batch: list[_Item], durable: str | None) -> None:
     """Wake the waiting producers: one thread-safe call per event loop, not one per record."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = defaultdict(list)
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[str | None]]] = defaultdict(list)
     for _, loop, future in batch:
         if future is not None:
             by_loop[loop].append(future)
@@ -130,7 +132,7 @@ def _settle(batch: list[_Item], durable: bool) -> None:
             pass
 
 
-def _resolve(futures: list[asyncio.Future[bool]], durable: bool) -> None:
+def _resolve(futures: list[asyncio.Future[str | None]], durable: str | None) -> None:
     for future in futures:
         if not future.done():
             future.set_result(durable)
@@ -252,6 +254,7 @@ class AuditWriter:
         self._write_failures = 0
         self._records_committed = 0
         self._records_spooled = 0
+        self._failing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="medserve-audit-writer", daemon=True)
         self._thread.start()
@@ -276,6 +279,16 @@ class AuditWriter:
         return (self._own_spool.entries if self._own_spool else 0) + sum(s.entries for s in self._orphans)
 
     @property
+    def spooling(self) -> bool:
+        """True while a spool holds entries: every new record goes to the spool until the replay."""
+        return self._spooled_entries() > 0
+
+    @property
+    def failing(self) -> bool:
+        """True when the last batch could be made durable neither in the database nor in the spool."""
+        return self._failing
+
+    @property
     def write_failures(self) -> int:
         """Database writes (batches or replays) that failed since start; each one is logged."""
         return self._write_failures
@@ -292,23 +305,28 @@ class AuditWriter:
 
     # --- producers ---------------------------------------------------------------
 
-    async def write(self, record: dict[str, Any], *, durable: bool) -> None:
-        """Queue a record; with durable=True return only once it is committed or spooled.
+    async def write(self, record: dict[str, Any], *, durable: bool) -> str | None:
+        """Queue a record; with durable=True return only once it is committed or spooled, and say which
+        (COMMITTED or SPOOLED; None for a record not waited on).
 
         Raises AuditUnavailableError when a durable record could be neither.
         """
         if self._closed:
             raise AuditUnavailableError("the audit writer is shut down")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] | None = loop.create_future() if durable else None
+        future: asyncio.Future[str | None] | None = loop.create_future() if durable else None
         item = (record, loop, future)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             # Back-pressure instead of dropping: the caller waits for room.
             await asyncio.to_thread(self._queue.put, item)
-        if future is not None and not await future:
+        if future is None:
+            return None
+        landed = await future
+        if landed is None:
             raise AuditUnavailableError()
+        return landed
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued (to the database or the spool), checkpoint, then stop the thread."""
@@ -411,7 +429,7 @@ class AuditWriter:
             except Exception as error:  # noqa: BLE001
                 chain.seq, chain.last_hash, chain.since_checkpoint = link_state
                 logger.error("malformed audit record refused (%s)", type(error).__name__)
-                _settle([item], False)
+                _settle([item], None)
             else:
                 linked.append(item)
         batch = linked
@@ -419,26 +437,29 @@ class AuditWriter:
         if chain.since_checkpoint >= self._checkpoint_every or (stop and records) or (stop and chain.seq):
             checkpoints.append(chain.checkpoint("close" if stop else "periodic", utcnow()))
         try:
-            self._persist(records, checkpoints)
+            landed = self._persist(records, checkpoints)
         except Exception as error:  # noqa: BLE001 - neither the database nor the spool took it
+            self._failing = True
             # Undo the links: the records were not kept, so the chain must not count them.
             chain.seq, chain.last_hash, chain.since_checkpoint = saved
             logger.error(
                 "audit records could not be made durable (%s): %d request(s) refused",
                 _error_name(error), len(batch),
             )
-            _settle(batch, False)
+            _settle(batch, None)
             return
+        self._failing = False
         self._pending_checkpoints = []
-        _settle(batch, True)
+        _settle(batch, landed)
 
-    def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
+    def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:
+        """COMMITTED or SPOOLED; raises when neither the database nor the spool took them."""
         if self._spooled_entries() == 0:
             started = time.perf_counter()
             try:
                 self._insert(records, checkpoints)
                 metrics.record_audit_commit(records=len(records), failed=False, duration_s=time.perf_counter() - started)
-                return
+                return COMMITTED
             except Exception as error:  # noqa: BLE001
                 metrics.record_audit_commit(records=len(records), failed=True, duration_s=time.perf_counter() - started)
                 self._write_failures += 1
@@ -455,6 +476,7 @@ class AuditWriter:
             self._own_spool = SpoolFile.create(self._spool_dir / f"{self._chain.chain_id}.jsonl")
         self._own_spool.append(records, checkpoints)
         self._records_spooled += len(records)
+        return SPOOLED
 
     def _insert(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
         with self._engine.begin() as connection:

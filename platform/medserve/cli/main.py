@@ -492,6 +492,7 @@ def up(detach: bool, deployments_dir: Path | None, with_prometheus: bool) -> Non
         "dashboard_url": dashboard_url,
         "started_ray": started_ray,
         "deployments_dir": str((deployments_dir or settings.deployments_dir).resolve()),
+        "gateway_url": f"http://{settings.gateway_host}:{settings.gateway_port}",
     }))
 
     target = RayClusterTarget(dashboard_url, token)
@@ -695,8 +696,10 @@ def reconcile(
     help="local: what `medserve up` started here; kuberay: a RayService; ray: the dashboard at RAY_ADDRESS.",
 )
 @_kuberay_options
-def status(target: str, namespace: str, rayservice: str) -> None:
-    """Show each Serve application's state."""
+@click.option("--gateway-url", default=None,
+              help="Gateway whose readiness to show (default: the one `medserve up` started here).")
+def status(target: str, namespace: str, rayservice: str, gateway_url: str | None) -> None:
+    """Show each Serve application's state, then the gateway's: audit spool depth and state age."""
     from medserve.controlplane.local_ray import ray_auth_token
     from medserve.controlplane.targets import RayClusterTarget
 
@@ -710,11 +713,29 @@ def status(target: str, namespace: str, rayservice: str) -> None:
         state = json.loads(state_path.read_text())
         token = ray_auth_token(settings) if state["started_ray"] else os.environ.get("RAY_AUTH_TOKEN")
         source = RayClusterTarget(state["dashboard_url"], token)
+        gateway_url = gateway_url or state.get("gateway_url")
     apps = source.application_status()
     if not apps:
         click.echo(f"{source.description}: no Serve application reported yet")
     for name, app in sorted(apps.items()):
         click.echo(f"{name:<32} {app['status']:<14} {app['message'][:120]}")
+    if gateway_url:
+        click.echo(_gateway_health_line(gateway_url))
+
+
+def _gateway_health_line(gateway_url: str) -> str:
+    """One gateway replica's /readyz, as one line: readiness, audit spool depth, age of its known state."""
+    import httpx
+
+    try:
+        body = httpx.get(f"{gateway_url.rstrip('/')}/readyz", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as error:
+        return f"gateway {gateway_url}: no answer ({type(error).__name__})"
+    audit, ages = body.get("audit", {}), body.get("state_age_s", {})
+    age_text = ", ".join(f"{name} {'never loaded' if age is None else f'{age:g} s'}" for name, age in sorted(ages.items()))
+    line = (f"gateway {gateway_url}: {body.get('status')}; database {body.get('database')}; "
+            f"audit spool {audit.get('spooled')} record(s), queue {audit.get('queued')}; state age: {age_text}")
+    return line + "".join(f"\n  {reason}" for reason in body.get("reasons", []))
 
 
 # --- model registry and rollouts -----------------------------------------------------

@@ -39,7 +39,9 @@ def get_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # A bounded connect: an unreachable host (not merely a refused port) must not hold a
+    # gateway's background refresh or an admin request for the OS's TCP timeout.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args={"connect_timeout": 5})
 
 
 @lru_cache(maxsize=8)

@@ -25,6 +25,7 @@ from medserve.audit.writer import AuditWriter
 from medserve.db.models import utcnow
 from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
 from medserve.gateway.catalog import CatalogEntry
+from medserve.gateway.errors import known_error
 from medserve.security.api_keys import Principal
 from medserve.security.pseudonyms import pseudonymize_headers
 
@@ -62,6 +63,9 @@ class AuditScope:
     shadow_entry: CatalogEntry | None = None
     shadow_of: uuid.UUID | None = None
     output_label: str | None = None
+    # Where the record landed once written with strict durability: "committed" to the
+    # database, or "spooled" (durable on the gateway's disk, replayed when the database returns).
+    landed: str | None = None
 
     def shadow_scope(self, entry: CatalogEntry) -> "AuditScope":
         """The record of a mirrored call: same caller, input and context, its own id and version."""
@@ -196,6 +200,14 @@ class AuditRecorder:
             _record_metrics(audit, record["http_status"])
             raise
         except BaseException as error:
+            known = known_error(error)
+            if known is not None:
+                # An infrastructure failure with a typed error (the database went away mid-request):
+                # recorded and answered as that error, never as a bare 500.
+                record = audit.to_record(known.http_status, known.code, "error")
+                await asyncio.shield(self._write_quietly(record))
+                _record_metrics(audit, record["http_status"])
+                raise known from None
             # CancelledError: the client went away before the answer. GeneratorExit:
             # a streamed answer's generator was closed before its end (same cause).
             cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
@@ -210,7 +222,7 @@ class AuditRecorder:
         else:
             record = audit.to_record(200, None, "ok")
             try:
-                await self._writer.write(record, durable=self._durable)
+                audit.landed = await self._writer.write(record, durable=self._durable)
             except AuditUnavailableError as error:
                 # The answer is withheld: count what the caller gets (503).
                 _record_metrics(audit, error.http_status)

@@ -1,35 +1,47 @@
-"""Bearer-key authentication with a short per-replica cache.
+"""Who is calling: API keys from the gateway's last-known-good key table, JWTs from the hospital's IdP.
 
-Looking a key up costs a database round trip; the gateway does it at most
-once per key per ``api_key_cache_seconds`` (a revoked key stops working
-within that window). Failures are never cached as successes. JWTs from the
-hospital's identity provider are verified on every request (no cache).
+The key table (every key not revoked) is reloaded in the background every
+``api_key_cache_seconds`` (gateway/known_state.py), so checking a key never
+waits on the database and a database outage does not lock clinical apps
+out. A revoked key stops working at the next successful reload: within
+that interval of the revocation, or of the database's return when it was
+down. A key created since the last reload is looked up on its own; if the
+database cannot answer that, the caller gets 503 database_unavailable.
+JWTs are verified on every request (no cache).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from medserve.db.engine import session_scope
-from medserve.errors import AuthenticationError, PermissionDeniedError
-from medserve.security.api_keys import Principal, verify_api_key
+from medserve.errors import AuthenticationError, DatabaseUnavailableError, PermissionDeniedError
+from medserve.gateway.known_state import KnownState
+from medserve.security.api_keys import KeyTable, Principal, load_key_table, verify_api_key
 from medserve.security.oidc import OIDCVerifier, looks_like_jwt
 from medserve.security.roles import Permission, has_permission
 
 
 class Authenticator:
-    """API keys (``msk_...``) from the database; JWTs from the hospital IdP when OIDC is configured."""
+    """API keys (``msk_...``) from the key table; JWTs from the hospital IdP when OIDC is configured."""
 
-    def __init__(self, database_url: str, cache_seconds: float, oidc: OIDCVerifier | None = None) -> None:
+    def __init__(self, database_url: str, refresh_seconds: float, oidc: OIDCVerifier | None = None) -> None:
         self._database_url = database_url
-        self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Principal]] = {}
         self._oidc = oidc
+        self.keys: KnownState[KeyTable] = KnownState("keys", self._load_table, refresh_seconds)
+
+    def _load_table(self) -> KeyTable:
+        with session_scope(self._database_url) as session:
+            return load_key_table(session)
 
     def _lookup(self, presented: str) -> Principal:
-        with session_scope(self._database_url) as session:
-            return verify_api_key(session, presented)
+        try:
+            with session_scope(self._database_url) as session:
+                return verify_api_key(session, presented)
+        except SQLAlchemyError:
+            raise DatabaseUnavailableError(state="keys") from None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -38,15 +50,10 @@ class Authenticator:
         if self._oidc is not None and looks_like_jwt(presented):
             # Not cached: verifying a signature is cheap and expiry must bite on time.
             return await asyncio.to_thread(self._oidc.verify, presented)
-        cached = self._cache.get(presented)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < self._cache_seconds:
-            return cached[1]
-        principal = await asyncio.to_thread(self._lookup, presented)
-        if self._cache_seconds > 0:
-            if len(self._cache) > 10_000:  # bound memory under key-guessing floods
-                self._cache.clear()
-            self._cache[presented] = (now, principal)
+        table = await self.keys.get()
+        principal = table.verify(presented)
+        if principal is None:  # created since the table was loaded, or unknown
+            principal = await asyncio.to_thread(self._lookup, presented)
         return principal
 
 

@@ -14,7 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medserve.errors import MedserveError
+from sqlalchemy.exc import SQLAlchemyError
+
+from medserve import metrics
+from medserve.errors import DatabaseUnavailableError, MedserveError
 
 logger = logging.getLogger("medserve.gateway")
 
@@ -56,9 +59,25 @@ def install_error_handlers(app: FastAPI) -> None:
         return response_for(error)
 
 
-def response_for(error: Exception) -> JSONResponse:
-    """Any exception as the caller sees it: a MedserveError's code, else a bare 500."""
+def known_error(error: BaseException) -> MedserveError | None:
+    """The typed error of a failure the gateway knows it can meet, else None (a bug).
+
+    The database going away under a route that must read or write it is
+    known: 503 database_unavailable with Retry-After, not 500.
+    """
     if isinstance(error, MedserveError):
-        return error_response(error)
+        return error
+    if isinstance(error, SQLAlchemyError):
+        return DatabaseUnavailableError()
+    return None
+
+
+def response_for(error: Exception) -> JSONResponse:
+    """Any exception as the caller sees it: a typed error's code, else a bare 500 that is counted
+    (medserve_gateway_unhandled_errors_total, which an alert watches: each one is a bug)."""
+    known = known_error(error)
+    if known is not None:
+        return error_response(known)
+    metrics.record_unhandled_error()
     logger.error("unhandled %s in gateway", type(error).__name__)
     return JSONResponse({"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
 import threading
 import time
@@ -28,11 +29,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from medserve import metrics
 
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord
 from medserve.errors import ModelOverloadedError, RateLimitedError, TokenBudgetExceededError
 from medserve.security.api_keys import Principal
+
+logger = logging.getLogger("medserve.gateway.quotas")
 
 PRIORITY_ORDER = {"emergency": 0, "standard": 1, "research": 2}
 
@@ -131,6 +137,7 @@ class TokenBudget:
         self._lock = threading.Lock()
         # (kind, name) -> (monotonic time of the sum, day, tokens in the table then, tokens added locally since)
         self._used: dict[tuple[str, str], tuple[float, datetime, int, int]] = {}
+        self._failing = False  # logged once per outage
 
     @property
     def enabled(self) -> bool:
@@ -150,10 +157,23 @@ class TokenBudget:
             cached = self._used.get((kind, name))
         if cached is not None and cached[1] == day and time.monotonic() - cached[0] < self._cache_seconds:
             return cached[2] + cached[3]
-        total = self._sum_from_audit(kind, name, day)
+        try:
+            total, added = self._sum_from_audit(kind, name, day), 0
+        except SQLAlchemyError:
+            # The database is down: a budget is a fairness control, not a safety one, so the
+            # request is judged on the last known sum (0 when none) plus what this replica
+            # counted since, and the sum is asked again after the next cache window.
+            metrics.record_state_refresh_failure("token_usage")
+            if not self._failing:
+                self._failing = True
+                logger.warning("could not read today's token use from the audit table; using the last known sums")
+            same_day = cached is not None and cached[1] == day
+            total, added = (cached[2], cached[3]) if same_day else (0, 0)
+        else:
+            self._failing = False
         with self._lock:
-            self._used[(kind, name)] = (time.monotonic(), day, total, 0)
-        return total
+            self._used[(kind, name)] = (time.monotonic(), day, total, added)
+        return total + added
 
     def _limits(self, principal: Principal) -> list[tuple[str, str, int]]:
         limits: list[tuple[str, str, int]] = []

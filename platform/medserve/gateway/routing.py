@@ -10,21 +10,19 @@ at it; as a second guard (a rollout started through the admin API, whose
 candidate the control plane has not deployed yet, or a candidate whose
 application failed), the gateway sends a candidate traffic only while Serve
 reports its application RUNNING.
-If a refresh fails, the last good table keeps routing (the audit write
-would fail such a request anyway under strict durability).
+The table is a last-known-good copy (gateway/known_state.py): reloaded in
+the background, never on a request's path, and kept when a reload fails, so
+a database outage leaves routing as it was.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import math
-import time
 
 from medserve.db.engine import session_scope
-from medserve.errors import ModelUnavailableError
 from medserve.gateway.catalog import Catalog, CatalogEntry
+from medserve.gateway.known_state import KnownState
 from medserve.registry.lifecycle import route_states
 from medserve.registry.routing import RouteState, VersionRef
 
@@ -34,14 +32,12 @@ logger = logging.getLogger("medserve.gateway.routing")
 class RouteTable:
     def __init__(self, database_url: str, catalog: Catalog, cache_seconds: float) -> None:
         self._database_url = database_url
-        self._cache_seconds = cache_seconds
         self._follows = {e.model_name: (e.deployment, e.alias) for e in catalog.entries() if e.alias is not None}
-        self._states: dict[str, RouteState] = {}
-        self._loaded_at = -math.inf
-        self._loaded_once = False
-        self._lock = asyncio.Lock()
+        self.known: KnownState[dict[str, RouteState]] = KnownState("routes", self._load, cache_seconds)
 
     def _load(self) -> dict[str, RouteState]:
+        if not self._follows:
+            return {}
         with session_scope(self._database_url) as session:
             states = route_states(session, self._follows)
         if all(state.candidate is None for state in states.values()):
@@ -58,20 +54,9 @@ class RouteTable:
         }
 
     async def states(self) -> dict[str, RouteState]:
-        if not self._follows or time.monotonic() - self._loaded_at < self._cache_seconds:
-            return self._states
-        async with self._lock:
-            if time.monotonic() - self._loaded_at < self._cache_seconds:
-                return self._states
-            try:
-                self._states = await asyncio.to_thread(self._load)
-                self._loaded_once = True
-            except Exception as error:  # noqa: BLE001
-                logger.warning("could not refresh rollouts from the registry: %s", type(error).__name__)
-                if not self._loaded_once:
-                    raise ModelUnavailableError("the model registry is unreachable") from None
-            self._loaded_at = time.monotonic()
-        return self._states
+        if not self._follows:
+            return {}
+        return await self.known.get()
 
     async def state(self, model_name: str) -> RouteState | None:
         return (await self.states()).get(model_name)

@@ -35,6 +35,7 @@ from medserve.errors import (
 from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope, sha256_hex
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.catalog import Catalog, CatalogEntry
+from medserve.gateway.known_state import StateRefresher
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
 from medserve.gateway.routing import RouteTable, entry_for
 from medserve.registry.routing import choose
@@ -117,14 +118,30 @@ class GatewayState:
         self.local_engines = load_local_engines(self.catalog, allow_unpinned=allow_unpinned)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._stream_handles: dict[str, Any] = {}
-        metrics.init_audit_counters()
+        # What the request path needs from the database, held as last-known-good copies.
+        self.known_states = [self.authenticator.keys, self.routes.known]
+        for known in self.known_states:
+            known.refresh()  # the first copy now, so the first request does not wait (a failure is retried)
+        self.refresher = StateRefresher(self.known_states).start()
+        metrics.init_gateway_counters(tuple(known.name for known in self.known_states))
         self.sampler = metrics.gateway_sampler(
-            lambda: self.writer.queue_depth, lambda: self.writer.spool_records
+            lambda: self.writer.queue_depth, lambda: self.writer.spool_records,
+            lambda: {known.name: known.staleness_s for known in self.known_states},
         ).start()
 
     def close(self) -> None:
+        self.refresher.stop()
         self.sampler.stop()
         self.writer.close()
+
+    def health(self) -> dict[str, Any]:
+        """What /readyz and `medserve status` show: the audit spool and the age of each known state."""
+        return {
+            "audit": {"queued": self.writer.queue_depth, "spooled": self.writer.spool_records,
+                      "durable_writes_failing": self.writer.failing},
+            "state_age_s": {known.name: None if known.age_s is None else round(known.age_s, 1)
+                            for known in self.known_states},
+        }
 
     # --- versions ------------------------------------------------------------
 
@@ -439,13 +456,17 @@ async def get_gateway() -> GatewayState:
     return _replica_state
 
 
-def provenance_headers(inference_id: str, entry: CatalogEntry) -> dict[str, str]:
-    """Which exact model answered, and the audit id to quote when reviewing it."""
-    return {
+def provenance_headers(inference_id: str, entry: CatalogEntry, landed: str | None = None) -> dict[str, str]:
+    """Which exact model answered, the audit id to quote when reviewing it, and where its audit
+    record is (``X-Medserve-Audit``: committed, or spooled while the database is unreachable)."""
+    headers = {
         "X-Medserve-Inference-Id": inference_id,
         "X-Medserve-Model": entry.model_name,
         "X-Medserve-Model-Version": entry.model_version,
     }
+    if landed is not None:
+        headers["X-Medserve-Audit"] = landed
+    return headers
 
 
 def parse_json_body(model: type, body: bytes) -> Any:

@@ -88,6 +88,62 @@ def verify_api_key(session: Session, presented: str, now: datetime | None = None
     return Principal(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department)
 
 
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    """A usable key as a gateway holds it between refreshes: its hash, caller and expiry."""
+
+    secret_sha256: str
+    principal: Principal
+    expires_at: datetime | None
+
+
+class KeyTable:
+    """Every key that is not revoked, loaded in one query: the gateway checks keys against this copy.
+
+    A key revoked in the database is absent from the next copy, so revocation
+    takes effect at the gateway's next successful refresh. A key created since
+    the copy was loaded is not in it: :meth:`verify` says so (None) and the
+    caller looks that one key up in the database.
+    """
+
+    _MAX_VERIFIED = 10_000  # bounds the memo under key-guessing floods
+
+    def __init__(self, keys: dict[str, KnownKey]) -> None:
+        self._keys = keys
+        # Presented key -> its entry, once its hash matched: later requests skip the hash.
+        self._verified: dict[str, KnownKey] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def verify(self, presented: str, now: datetime | None = None) -> Principal | None:
+        """The caller of a key in this copy, AuthenticationError for a bad or expired one, None if absent."""
+        known = self._verified.get(presented)
+        if known is None:
+            key_id, secret = split_key(presented)
+            known = self._keys.get(key_id)
+            if known is None:
+                return None
+            if not hmac.compare_digest(known.secret_sha256, _hash_secret(secret)):
+                raise AuthenticationError()
+            if len(self._verified) < self._MAX_VERIFIED:
+                self._verified[presented] = known
+        if known.expires_at is not None and known.expires_at <= (now or utcnow()):
+            raise AuthenticationError()
+        return known.principal
+
+
+def load_key_table(session: Session) -> KeyTable:
+    rows = session.execute(
+        select(ApiKey.key_id, ApiKey.secret_sha256, ApiKey.name, ApiKey.role, ApiKey.department, ApiKey.expires_at)
+        .where(ApiKey.revoked_at.is_(None))
+    )
+    return KeyTable({
+        key_id: KnownKey(secret, Principal(key_id=key_id, name=name, role=Role(role), department=department), expires)
+        for key_id, secret, name, role, department, expires in rows
+    })
+
+
 def _find_key(session: Session, key_id: str) -> ApiKey:
     from medserve.errors import NotFoundError
 
@@ -98,7 +154,8 @@ def _find_key(session: Session, key_id: str) -> ApiKey:
 
 
 def revoke_api_key(session: Session, key_id: str, now: datetime | None = None) -> ApiKey:
-    """Revoke a key now. Gateways stop accepting it within their key cache window (default 5 s)."""
+    """Revoke a key now. Gateways stop accepting it at their next key refresh (MEDSERVE_API_KEY_CACHE_SECONDS,
+    default 5 s, once the database answers them)."""
     row = _find_key(session, key_id)
     if row.revoked_at is None:
         row.revoked_at = now or utcnow()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from medserve.audit.writer import SPOOLED
 from medserve.errors import MedserveError
 from medserve.gateway.audit_scope import AuditScope, sha256_hex
 from medserve.gateway.catalog import CatalogEntry
@@ -124,7 +125,8 @@ async def _exchange(
                     audit.prompt_tokens = start.get("prompt_tokens")
                     audit.completion_tokens = 0
                     started = True
-                    yield provenance_headers(str(audit.id), entry)
+                    # The record is written at the stream's end; while the writer spools, it will be spooled.
+                    yield provenance_headers(str(audit.id), entry, SPOOLED if gateway.writer.spooling else None)
                     async for frame in _frames(events, kind, generation, entry, audit):
                         yield frame
                 finally:
@@ -136,6 +138,8 @@ async def _exchange(
         yield sse_event(error.to_payload())
         return
     if not generation.stream:
+        if audit.landed is not None:
+            response.headers["X-Medserve-Audit"] = audit.landed
         yield response
         return
     yield DONE

@@ -1,4 +1,12 @@
-"""Liveness and readiness probes (no authentication: Kubernetes and load balancers call them)."""
+"""Liveness and readiness probes (no authentication: Kubernetes and load balancers call them).
+
+Readiness follows what the gateway needs to answer, not whether the database
+answers this second: with last-known-good keys and routes in memory and a
+healthy audit spool, a database outage costs no clinical answer, so the
+replica stays ready and says ``degraded`` in the body. It is not ready when
+it holds no copy of the keys or routes yet, or when audit records can be
+made durable neither in the database nor in the spool.
+"""
 
 import asyncio
 
@@ -25,6 +33,27 @@ async def readyz(gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
 
     try:
         await asyncio.to_thread(ping)
-    except Exception:  # noqa: BLE001
-        return JSONResponse({"status": "not ready", "reason": "database unreachable"}, status_code=503)
-    return JSONResponse({"status": "ready", "models": len(gateway.catalog.entries())})
+        database_ok = True
+    except Exception:  # noqa: BLE001 - any failure to answer counts as unreachable
+        database_ok = False
+    health = gateway.health()
+    reasons = []
+    if not database_ok:
+        reasons.append("database unreachable: answering from last-known-good state, audit records spooled")
+    if health["audit"]["spooled"]:
+        reasons.append("audit records wait in the spool for the database")
+    never_loaded = sorted(name for name, age in health["state_age_s"].items() if age is None)
+    unready = []
+    if never_loaded:
+        unready.append(f"no copy of {', '.join(never_loaded)} loaded yet")
+    if health["audit"]["durable_writes_failing"]:
+        unready.append("audit records can be made durable neither in the database nor in the spool")
+    body = {
+        "status": "not ready" if unready else "degraded" if reasons else "ready",
+        "models": len(gateway.catalog.entries()),
+        "database": "ok" if database_ok else "unreachable",
+        **health,
+    }
+    if unready or reasons:
+        body["reasons"] = unready + reasons
+    return JSONResponse(body, status_code=503 if unready else 200)

@@ -49,4 +49,4 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
             "status": "draft",
             **result,
         }
-    return JSONResponse(payload, headers=provenance_headers(inference_id, entry))
+    return JSONResponse(payload, headers=provenance_headers(inference_id, entry, audit.landed))

@@ -37,4 +37,4 @@ async def infer_tensors(gateway: GatewayState, name: str, request: Request) -> J
             "outputs": result["outputs"],
             "parameters": {"inference_id": str(audit.id)},
         }
-    return JSONResponse(payload, headers=provenance_headers(str(audit.id), entry))
+    return JSONResponse(payload, headers=provenance_headers(str(audit.id), entry, audit.landed))

@@ -166,7 +166,7 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
         report = build_report(pipeline, str(audit.id), volume.summary(), list(steps), utcnow())
         fhir = to_fhir(report, pipeline, list(steps))
         audit.output_sha256 = sha256_hex(json.dumps(report, sort_keys=True))
-    headers = provenance_headers(str(audit.id), entry)
+    headers = provenance_headers(str(audit.id), entry, audit.landed)
     if FHIR_JSON in request.headers.get("accept", ""):
         return JSONResponse(fhir, media_type=FHIR_JSON, headers=headers)
     return JSONResponse(report, headers=headers)
