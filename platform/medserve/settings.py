@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(
         default=5.0,
         ge=0,
-        description="How long a gateway replica trusts a looked-up API key before asking the database again.",
+        description="How often a gateway replica reloads its table of API keys in the background (it answers from "
+        "the last one it loaded, so a database outage locks nobody out); a revoked key stops within this window "
+        "once the database answers. 0: read the database on every request.",
     )
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest request body the gateway accepts (413 above)."
@@ -200,8 +202,8 @@ class Settings(BaseSettings):
     rollout_cache_seconds: float = Field(
         default=1.0,
         ge=0,
-        description="How long a gateway replica trusts the aliases and rollouts it read from the registry; "
-        "a canary, promote or rollback reaches every replica within this window.",
+        description="How often a gateway replica reloads aliases and rollouts from the registry in the background; "
+        "a canary, promote or rollback reaches every replica within this window. 0: read on every request.",
     )
 
     @property
