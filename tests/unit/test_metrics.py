@@ -235,3 +235,28 @@ def test_gpu_metrics_cover_only_the_replicas_gpus(monkeypatch):
     assert metrics._visible_gpus(8) == []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert metrics._visible_gpus(2) == [0, 1]
+
+
+def test_aggregating_backend_sums_counters_and_keeps_every_observation_until_flushed():
+    inner = Recording()
+    backend = metrics.AggregatingBackend(inner, interval_s=3600)  # flushed by hand here
+    metrics.use_backend(backend)
+    try:
+        for status in (200, 200, 200, 503):
+            metrics.record_request(model="m", version="1", operation="oip.infer", status=status, department="icu",
+                                   duration_s=0.01 * status / 100)
+        metrics.init_gateway_counters(("keys",))
+        metrics.set_audit_queue_depth(7)  # gauges pass straight through
+        assert [name for name, *_ in inner.samples] == ["medserve_audit_queue_depth"]
+        backend.flush()
+    finally:
+        metrics.use_backend(None)
+    requests = {labels["status"]: value for value, labels in inner.named("medserve_requests_total")}
+    assert requests == {"200": 3.0, "503": 1.0}  # one increment per label set, not one per request
+    durations = sorted(value for value, _ in inner.named("medserve_request_duration_seconds"))
+    assert durations == pytest.approx([0.02, 0.02, 0.02, 0.0503])
+    # Counters initialised at zero still reach the exporter (a series at 0, not an absent one).
+    assert inner.named("medserve_gateway_unhandled_errors_total") == [(0.0, {})]
+    assert inner.named("medserve_gateway_state_refresh_failures_total") == [(0.0, {"state": "keys"})]
+    backend.flush()
+    assert len(inner.samples) == 1 + 2 + 4 + 4  # nothing recorded twice

@@ -133,6 +133,7 @@ class GatewayState:
         self.refresher.stop()
         self.sampler.stop()
         self.writer.close()
+        metrics.flush()
 
     def health(self) -> dict[str, Any]:
         """What /readyz and `medserve status` show: the audit spool and the age of each known state."""
