@@ -102,11 +102,16 @@ def pg_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory) ->
         apply_catalog(url, platform.catalog(), platform.target, options, registered_by="outage tests",
                       require_approved=False)
         result = PgPlatform(platform, server, url, url.rsplit("/", 1)[1], key, spool_dir)
-        assert wait_until(lambda: result.readiness().get("database") == "ok", timeout=120, interval=0.5)
+        assert wait_until(lambda: _ready(platform), timeout=120, interval=0.5)
         try:
             yield result
         finally:
             platform.apply()  # back to the session's SQLite platform for the tests after this module
+
+
+def _ready(platform: Platform) -> bool:
+    with platform.client() as client:
+        return client.get("/readyz").status_code == 200
 
 
 def _imaging(client: httpx.Client, patient: str) -> Outcome:
