@@ -54,6 +54,7 @@ class LoadResult:
     statuses: dict[int, int]
     latencies_s: list[float]
     units: int = 0  # e.g. completion tokens, when the caller counts them
+    cpu_s: float | None = None  # CPU seconds the measured processes spent inside the window
 
     @property
     def throughput(self) -> float:
@@ -88,6 +89,8 @@ class LoadResult:
             "p99_ms": round(self.percentile_ms(99), 3),
             "units": self.units,
             "units_per_s": round(self.units_per_s, 2),
+            "cpu_us_per_request": (round(self.cpu_s / self.requests * 1e6, 1)
+                                   if self.cpu_s is not None and self.requests else None),
         }
 
 
@@ -139,6 +142,7 @@ async def run_load(
     warmup_s: float = 1.0,
     label: str = "",
     count_units: Callable[[Answer], int] | None = None,
+    cpu_of: Callable[[], float] | None = None,
 ) -> LoadResult:
     """Closed-loop load against ``url`` (scheme://host:port); only answers that
     finish inside the measured window count. Several URLs (the ingress
@@ -184,7 +188,18 @@ async def run_load(
         finally:
             connection.close()
 
+    async def cpu_window() -> float | None:
+        """CPU seconds of the measured processes between the window's start and end."""
+        if cpu_of is None:
+            return None
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        start = await asyncio.to_thread(cpu_of)
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        return await asyncio.to_thread(cpu_of) - start
+
+    cpu_task = asyncio.ensure_future(cpu_window())
     await asyncio.gather(*(worker(*targets[index % len(targets)]) for index in range(concurrency)))
+    cpu_s = await cpu_task
     return LoadResult(
         label=label,
         concurrency=concurrency,
@@ -194,6 +209,7 @@ async def run_load(
         statuses=statuses,
         latencies_s=latencies,
         units=counters["units"],
+        cpu_s=cpu_s,
     )
 
 

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medserve.bench.cpu import cpu_meter
 from medserve.bench.loadgen import Answer, LoadResult, Request, json_request, measure
+from medserve.bench.profile import Profile
 from medserve.bench.private import PrivatePlatform, start_private_platform, wait_for_answer
 from medserve.bench.raw_app import RAW_APP, RAW_ROUTE, raw_application
 from medserve.bench.scaling import ReplicaWatch, ScalingTimes, scaling_times
@@ -72,11 +74,22 @@ class Scenario:
     request: Request
     concurrency: int
     count_units: Callable[[Answer], int] | None = None
+    # CPU seconds of the processes this path runs in (see bench/cpu.py), read at the window's edges.
+    cpu_of: Callable[[], float] | None = None
+    # A py-spy recording of this path's processes during its first measured round.
+    profile: Profile | None = None
+    top_frames: list[tuple[str, float]] = field(default_factory=list)
     results: list[LoadResult] = field(default_factory=list)
 
     def run(self, duration_s: float, warmup_s: float) -> None:
+        profiling = self.profile is not None and not self.results
+        if profiling:
+            self.profile.start_after(warmup_s, duration_s)  # type: ignore[union-attr]
         self.results.append(measure(self.url, self.request, concurrency=self.concurrency, duration_s=duration_s,
-                                    warmup_s=warmup_s, label=self.label, count_units=self.count_units))
+                                    warmup_s=warmup_s, label=self.label, count_units=self.count_units,
+                                    cpu_of=self.cpu_of))
+        if profiling:
+            self.top_frames = self.profile.finish()  # type: ignore[union-attr]
 
     def combined(self) -> LoadResult:
         """All rounds as one measurement."""
@@ -91,6 +104,7 @@ class Scenario:
             errors=sum(r.errors for r in self.results), statuses=statuses,
             latencies_s=[latency for r in self.results for latency in r.latencies_s],
             units=sum(r.units for r in self.results),
+            cpu_s=None if any(r.cpu_s is None for r in self.results) else sum(r.cpu_s or 0 for r in self.results),
         )
 
 
@@ -117,6 +131,7 @@ class BenchOptions:
     autoscale: bool = False
     replicas: int = 1
     deployments_dir: Path = Path("deployments")
+    profile_dir: Path | None = None  # py-spy recordings of raw's and the gateway's replicas
 
 
 @dataclass
@@ -125,6 +140,8 @@ class BenchReport:
     results: list[dict[str, Any]] = field(default_factory=list)
     ratios: list[dict[str, Any]] = field(default_factory=list)
     scaling: dict[str, Any] | None = None
+    # Path label -> its replica's top frames by self time, as [frame, share of samples].
+    profiles: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     def add_ratio(self, name: str, path: LoadResult, baseline: LoadResult) -> None:
         self.ratios.append({
@@ -139,16 +156,22 @@ class BenchReport:
             f"per path, {self.options['replicas']} replica(s) of the raw baseline and of the gateway, "
             f"Ray Serve {'throughput-optimized (direct ingress)' if self.options['throughput_optimized'] else 'default (HTTP proxy)'}",
             "",
-            "| path | conc. | requests | errors | req/s | p50 ms | p95 ms | p99 ms | tokens/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| path | conc. | requests | errors | req/s | p50 ms | p95 ms | p99 ms | tokens/s | CPU µs/req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.results:
             tokens = f"{r['units_per_s']:.1f}" if r["units"] else ""
+            cpu = "" if r.get("cpu_us_per_request") is None else f"{r['cpu_us_per_request']:.0f}"
             lines.append(f"| {r['label']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-                         f"{r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {tokens} |")
+                         f"{r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+                         f"{tokens} | {cpu} |")
         lines += ["", "| comparison | throughput ratio | median added (ms) |", "|---|---:|---:|"]
         for ratio in self.ratios:
             lines.append(f"| {ratio['comparison']} | {ratio['throughput_ratio']} | {ratio['median_added_ms']:+.2f} |")
+        for label, frames in self.profiles.items():
+            lines += ["", f"py-spy, {label}: top frames by self time (share of the replica's samples)", "",
+                      "| self | frame |", "|---:|---|"]
+            lines += [f"| {share:.1%} | `{frame}` |" for frame, share in frames]
         if self.scaling:
             s = self.scaling
             lines += ["", f"autoscaling (load step of {s['load_concurrency']} against {s['model']}, "
@@ -159,6 +182,18 @@ class BenchReport:
                           f"{s['back_to_min_s']} s after the load stopped; "
                           f"{s['requests']} requests, {s['errors']} errors"]
         return "\n".join(lines)
+
+
+def _replica_pids(platform: PrivatePlatform, *app_names: str) -> list[int]:
+    """Process ids of the running replicas of these Serve applications."""
+    applications = platform.target.serve_details().get("applications") or {}
+    return [
+        replica["pid"]
+        for name in app_names
+        for deployment in (applications.get(name) or {}).get("deployments", {}).values()
+        for replica in deployment.get("replicas", [])
+        if replica.get("state") == "RUNNING" and replica.get("pid")
+    ]
 
 
 def _ready(platform: PrivatePlatform, headers: dict[str, str], replicas: int) -> tuple[list[str], list[str]]:
@@ -211,11 +246,24 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
             platform.apply(specs, audit_durability=durability)
             raw_url, gateway_url = _ready(platform, headers, options.replicas)
             log(f"raw Ray Serve at {raw_url} {RAW_ROUTE}, gateway at {gateway_url}; measuring")
-            raw, local, hop = _alternate([
-                Scenario(f"raw Ray Serve no-op ({durability} phase)", raw_url, raw_request, c),
-                Scenario(f"gateway, noop in gateway, audit {durability}", gateway_url, noop_request, c),
-                Scenario(f"gateway, noop by handle, audit {durability}", gateway_url, handle_request, c),
-            ], options.rounds, options.duration_s, options.warmup_s)
+            # CPU per request: raw's replicas; every gateway process (writer included); by handle, the
+            # noop model's replicas too.
+            raw_cpu = cpu_meter(lambda: _replica_pids(platform, RAW_APP))
+            gateway_cpu = cpu_meter(lambda: _replica_pids(platform, GATEWAY_APP))
+            hop_cpu = cpu_meter(lambda: _replica_pids(platform, GATEWAY_APP, app_name_for(by_handle)))
+            scenarios = [
+                Scenario(f"raw Ray Serve no-op ({durability} phase)", raw_url, raw_request, c, cpu_of=raw_cpu),
+                Scenario(f"gateway, noop in gateway, audit {durability}", gateway_url, noop_request, c,
+                         cpu_of=gateway_cpu),
+                Scenario(f"gateway, noop by handle, audit {durability}", gateway_url, handle_request, c,
+                         cpu_of=hop_cpu),
+            ]
+            if options.profile_dir is not None and durability == "strict":
+                for scenario, app in zip(scenarios[:2], (RAW_APP, GATEWAY_APP)):
+                    scenario.profile = Profile(lambda app=app: _replica_pids(platform, app),  # type: ignore[misc]
+                                               options.profile_dir / f"{app}-{durability}.txt")
+            raw, local, hop = _alternate(scenarios, options.rounds, options.duration_s, options.warmup_s)
+            report.profiles.update({s.label: s.top_frames for s in scenarios if s.top_frames})
             report.results += [r.summary() for r in (raw, local, hop)]
             report.add_ratio(f"gateway (noop in gateway, {durability}) / raw", local, raw)
             report.add_ratio(f"gateway (noop by handle, {durability}) / raw", hop, raw)

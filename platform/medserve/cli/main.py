@@ -432,8 +432,12 @@ def _show_metrics(settings: Settings, dashboard_url: str, token: str | None, wit
               help="Catalog holding the imaging and LLM demo specs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON here.")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Record raw's and the gateway's replicas with py-spy during the first strict round (collapsed "
+                   "stacks here) and print their top frames by self time.")
 def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, imaging: bool, llm: bool,
-          autoscale: bool, replicas: int, deployments_dir: Path | None, json_path: Path | None) -> None:
+          autoscale: bool, replicas: int, deployments_dir: Path | None, json_path: Path | None,
+          profile_dir: Path | None) -> None:
     """Load raw Ray Serve and the gateway side by side in a private Ray; print throughput, p50/p95/p99, ratios.
 
     Starts its own Ray on free ports with its own SQLite (a running medserve is
@@ -450,6 +454,7 @@ def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, ima
     options = BenchOptions(
         concurrency=concurrency, duration_s=duration_s, rounds=rounds, throughput_optimized=serve_mode == "throughput",
         imaging=imaging, llm=llm, autoscale=autoscale, replicas=replicas, deployments_dir=Path(catalog_dir),
+        profile_dir=profile_dir,
     )
     report = run_bench(options, log=lambda line: click.echo(line, err=True))
     click.echo(report.markdown())

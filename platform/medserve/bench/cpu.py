@@ -1,0 +1,56 @@
+"""CPU time of Serve replicas and their child processes, read from /proc (Linux), for per-request cost.
+
+Throughput ratios say how much slower a path is; CPU seconds per request say
+where the cost sits. A gateway replica's cost includes every process it
+started (an audit writer process, say), so a replica's whole process tree
+counts; Ray's own daemons (raylet, GCS, the Serve controller) are shared by
+every path and left out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone since it was listed
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return text[text.rindex(")") + 2:].split()
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def tree_cpu_s(roots: Iterable[int]) -> float:
+    """User plus system CPU seconds of the processes ``roots`` and all their descendants, so far."""
+    children = _children_by_parent()
+    total, pending, seen = 0, list(roots), set()
+    while pending:
+        pid = pending.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        pending.extend(children.get(pid, ()))
+    return total / _TICKS_PER_S
+
+
+def cpu_meter(pids: Callable[[], list[int]]) -> Callable[[], float]:
+    """A reading function for the load generator: CPU seconds of those processes' trees now."""
+    return lambda: tree_cpu_s(pids())

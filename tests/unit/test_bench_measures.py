@@ -1,0 +1,39 @@
+"""What `medserve bench` reads besides throughput: CPU per request from /proc, and a py-spy profile's self time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from medserve.bench.cpu import tree_cpu_s
+from medserve.bench.profile import top_self_frames
+
+
+def test_tree_cpu_counts_a_child_process_burning_cpu():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"
+                              "while time.process_time() < end: pass\nimport sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        before = tree_cpu_s([os.getpid()])
+        deadline = 0
+        while tree_cpu_s([child.pid]) < 0.5 and deadline < 200:
+            deadline += 1
+            subprocess.run(["sleep", "0.05"])
+        # The child is a descendant of this process: its CPU counts in this process's tree.
+        assert tree_cpu_s([os.getpid()]) - before >= 0.4
+        assert tree_cpu_s([child.pid]) >= 0.5
+    finally:
+        child.communicate(b"")
+    assert tree_cpu_s([child.pid]) == 0.0  # gone: nothing to read, no error
+
+
+def test_top_self_frames_groups_leaves_by_function_without_line_numbers():
+    collapsed = "\n".join([
+        "run (asyncio/events.py:84);handle (medserve/gateway/app.py:10);sha256_hex (medserve/audit_scope.py:40) 30",
+        "run (asyncio/events.py:84);handle (medserve/gateway/app.py:12);sha256_hex (medserve/audit_scope.py:41) 10",
+        "run (asyncio/events.py:84);select (selectors.py:468) 60",
+        "garbage line",
+    ])
+    frames = top_self_frames(collapsed, count=5)
+    assert frames == [("select (selectors.py)", 0.6), ("sha256_hex (medserve/audit_scope.py)", 0.4)]
