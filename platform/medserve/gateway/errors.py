@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from medserve import metrics
 from medserve.errors import DatabaseUnavailableError, MedserveError
+from medserve.gateway.responses import JSONAnswer
 
 logger = logging.getLogger("medserve.gateway")
 
@@ -34,7 +35,7 @@ def error_response(error: MedserveError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     if error.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error.to_payload(), status_code=error.http_status, headers=headers)
+    return JSONAnswer(error.to_payload(), status_code=error.http_status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -47,12 +48,12 @@ def install_error_handlers(app: FastAPI) -> None:
         # Field locations only: pydantic's messages can quote the input.
         fields = [".".join(str(p) for p in item.get("loc", ())) for item in error.errors()]
         payload = {"error": {"code": "invalid_request", "message": "The request is invalid.", "details": {"fields": fields}}}
-        return JSONResponse(payload, status_code=400)
+        return JSONAnswer(payload, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": "Not available."}}, status_code=error.status_code)
+        return JSONAnswer({"error": {"code": code, "message": "Not available."}}, status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
@@ -80,4 +81,4 @@ def response_for(error: Exception) -> JSONResponse:
         return error_response(known)
     metrics.record_unhandled_error()
     logger.error("unhandled %s in gateway", type(error).__name__)
-    return JSONResponse({"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500)
+    return JSONAnswer({"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500)

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from medserve.gateway.responses import dumps
+
 DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(data: dict[str, Any]) -> bytes:
     """One SSE event carrying a JSON object, as OpenAI streams do."""
-    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + dumps(data) + b"\n\n"
 
 
 class EventStreamResponse(Response):

@@ -21,6 +21,7 @@ from medserve.audit.writer import SPOOLED
 from medserve.errors import MedserveError
 from medserve.gateway.audit_scope import AuditScope, sha256_hex
 from medserve.gateway.catalog import CatalogEntry
+from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.sse import DONE, EventStreamResponse, sse_event
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
 from medserve.protocols.openai import (
@@ -201,5 +202,5 @@ async def _whole(
         body = CompletionResponse(
             choices=[{"index": 0, "text": result["content"], "finish_reason": result["finish_reason"]}], **common
         ).model_dump()
-    return JSONResponse(body, headers=provenance_headers(str(audit.id), entry))
+    return JSONAnswer(body, headers=provenance_headers(str(audit.id), entry))
 

@@ -5,6 +5,7 @@ from fastapi.responses import JSONResponse
 
 from medserve.errors import UnsupportedMediaTypeError
 from medserve.gateway.audit_scope import sha256_hex
+from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
 
 router = APIRouter(tags=["imaging"])
@@ -49,4 +50,4 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
             "status": "draft",
             **result,
         }
-    return JSONResponse(payload, headers=provenance_headers(inference_id, entry, audit.landed))
+    return JSONAnswer(payload, headers=provenance_headers(inference_id, entry, audit.landed))

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from medserve.gateway.audit_scope import sha256_hex
+from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
 from medserve.protocols.oip import InferRequest
 
@@ -37,4 +38,4 @@ async def infer_tensors(gateway: GatewayState, name: str, request: Request) -> J
             "outputs": result["outputs"],
             "parameters": {"inference_id": str(audit.id)},
         }
-    return JSONResponse(payload, headers=provenance_headers(str(audit.id), entry, audit.landed))
+    return JSONAnswer(payload, headers=provenance_headers(str(audit.id), entry, audit.landed))

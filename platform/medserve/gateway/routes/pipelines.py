@@ -30,6 +30,7 @@ from medserve.errors import (
 from medserve.gateway.audit_scope import sha256_hex
 from medserve.gateway.auth import require, require_department
 from medserve.gateway.catalog import CatalogEntry
+from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, parse_json_body, provenance_headers
 from medserve.imaging.multipart import parse_series_upload
 from medserve.imaging.report import StepOutcome, build_report, to_fhir
@@ -168,8 +169,8 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
         audit.output_sha256 = sha256_hex(json.dumps(report, sort_keys=True))
     headers = provenance_headers(str(audit.id), entry, audit.landed)
     if FHIR_JSON in request.headers.get("accept", ""):
-        return JSONResponse(fhir, media_type=FHIR_JSON, headers=headers)
-    return JSONResponse(report, headers=headers)
+        return JSONAnswer(fhir, media_type=FHIR_JSON, headers=headers)
+    return JSONAnswer(report, headers=headers)
 
 
 @router.get("/v1/pipelines")
