@@ -37,9 +37,36 @@ class EventStreamResponse(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def _pump(self, send: Send) -> None:
+        """Frames go out as they come; while one write is under way (a client slower than the engine),
+        the frames that arrive meanwhile wait and leave together as one body message.
+
+        The first frame is written at once, so coalescing never delays the first token; a fast client
+        gets every frame in a message of its own, as before. Only this task iterates the event
+        generator, so closing it stays safe.
+        """
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self.events:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        waiting: list[bytes] = []
+        writer: asyncio.Future[None] | None = None
+
+        async def write_waiting() -> None:
+            while waiting:
+                body = b"".join(waiting)
+                waiting.clear()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        try:
+            async for chunk in self.events:
+                waiting.append(chunk)
+                if writer is None or writer.done():
+                    if writer is not None:
+                        writer.result()  # a failed write (the client went away) ends the stream here
+                    writer = asyncio.ensure_future(write_waiting())
+            if writer is not None:
+                await writer
+            await write_waiting()
+        finally:
+            if writer is not None and not writer.done():
+                writer.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
