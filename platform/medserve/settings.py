@@ -47,10 +47,11 @@ class Settings(BaseSettings):
         description="Loopback port of the Prometheus that `up --with-prometheus` starts.",
     )
     serve_throughput_optimized: bool = Field(
-        default=False,
-        description="Start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1: each gateway replica also "
-        "listens on a port of its own (direct ingress, 30000-31000) that clients or a load balancer reach "
-        "without the proxy hop, and deployments talk over gRPC. The proxy port keeps working.",
+        default=True,
+        description="Start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's fastest mode): each "
+        "gateway replica also listens on a port of its own (direct ingress, 30000-31000) that clients or a load "
+        "balancer reach without the proxy hop, and deployments talk over gRPC. The proxy port keeps working. "
+        "false: Ray Serve's default proxy only.",
     )
     ray_num_cpus: int | None = Field(
         default=None,

@@ -96,8 +96,19 @@ class RayClusterTarget:
             for name, details in apps.items()
         }
 
-    def delete_all(self) -> None:
+    def delete_all(self, timeout_s: float = 120.0) -> None:
+        """Shut Serve down and wait until its controller is gone.
+
+        The dashboard answers the DELETE after at most 30 s while the controller
+        may still be draining replicas (direct-ingress replicas took the whole
+        30 s here); a config applied in that window is dropped by the dying
+        controller ("Ignoring apply_config request because Serve controller is
+        shutting down") although the PUT answered 200.
+        """
         self._request("DELETE", "/api/serve/applications/")
+        deadline = time.monotonic() + timeout_s
+        while self.serve_details().get("controller_info") and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     def ingress_targets(self, host_override: str | None = None) -> dict[str, list[str]]:
         """Application name -> base URLs of its ingress replicas' own HTTP ports.
