@@ -499,30 +499,26 @@ class WriterProcess:
 
     def _settle_in_doubt(self, give_up: bool) -> list[_Item]:
         """Ack the in-doubt records already durable (in a spool file or the database) without linking
-        them again; return the others, to be linked. Keeps them all while the database cannot be asked."""
+        them again; return the others, to be linked. While the database cannot be asked, the ones in no
+        spool wait: the dead process may have committed them."""
         ids = {str(record["id"]) for _, record in self._in_doubt}
         spooled = _spooled_ids(self._spool_dir) & ids  # first: a replay commits before it empties a spool
+        found_spooled = [item for item in self._in_doubt if str(item[1]["id"]) in spooled]
+        self._ack(found_spooled, SPOOLED)
+        self._in_doubt = [item for item in self._in_doubt if str(item[1]["id"]) not in spooled]
         try:
             self._wait_for_dead_sessions()
             committed = self._ids_in_database(ids - spooled)
         except Exception as error:  # noqa: BLE001
-            if give_up or time.monotonic() - self._in_doubt_since >= IN_DOUBT_GIVE_UP_S:
+            if self._in_doubt and (give_up or time.monotonic() - self._in_doubt_since >= IN_DOUBT_GIVE_UP_S):
                 logger.error("audit database unavailable (%s): %d re-sent record(s) whose first writer may have "
                              "kept them are refused", _error_name(error), len(self._in_doubt))
                 self._ack(self._in_doubt, None)
                 self._in_doubt = []
             return []
-        found_committed, found_spooled, unknown = [], [], []
-        for item in self._in_doubt:
-            record_id = str(item[1]["id"])
-            if record_id in committed:
-                found_committed.append(item)
-            elif record_id in spooled:
-                found_spooled.append(item)
-            else:
-                unknown.append(item)
+        found_committed = [item for item in self._in_doubt if str(item[1]["id"]) in committed]
+        unknown = [item for item in self._in_doubt if str(item[1]["id"]) not in committed]
         self._ack(found_committed, COMMITTED)
-        self._ack(found_spooled, SPOOLED)
         if found_committed or found_spooled:
             logger.warning("%d re-sent audit record(s) were already durable (their ack was lost): not linked "
                            "again", len(found_committed) + len(found_spooled))
