@@ -244,3 +244,40 @@ def test_database_refusing_writes_with_no_usable_spool_refuses_answers(pg, db, t
         state.close()
     assert _count(url) == 4
     assert verify(url, SIGNING_KEY.encode()).ok  # refused records left no hole in the chain
+
+
+def test_writer_process_killed_under_load_loses_no_answered_record(pg, db, tmp_path):
+    url, key = db
+    state = make_state(url, tmp_path / "home")
+    killed: list[int] = []
+
+    async def scenario() -> Load:
+        transport = httpx.ASGITransport(app=create_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=60) as client:
+            load = Load(client, key)
+            tasks = load.start()
+            for phase in ("first kill", "second kill"):
+                await asyncio.sleep(1.5)
+                pid = state.writer.process_id
+                os.kill(pid, signal.SIGKILL)  # mid-load: batches in flight, acks lost
+                killed.append(pid)
+                load.phase = phase
+            await asyncio.sleep(2.0)
+            load.stopping = True
+            await asyncio.gather(*tasks)
+            return load
+
+    try:
+        load = asyncio.run(scenario())
+        assert state.writer.flush(timeout=60)
+        print(f"answered {len(load.statuses)} ({load.ok_while}); writer processes killed: {len(killed)}")
+    finally:
+        set_gateway(None)
+        state.close()
+    assert load.ok_while.get("first kill", 0) > 0 and load.ok_while.get("second kill", 0) > 0
+    assert set(load.statuses) == {200}  # the requests waiting on a killed writer were answered by the next
+    assert _count(url) == len(load.statuses)  # one row per answered request, exactly once
+    assert load.answered_ok == _ids(url)
+    result = verify(url, SIGNING_KEY.encode())
+    assert result.ok, result.problems
+    assert result.chains >= 3

@@ -1,0 +1,730 @@
+"""The audit writer's own process: hash chain, batches, inserts, commits, spool, replay.
+
+One writer process per gateway replica, spawned by the replica's
+:class:`medserve.audit.writer.AuditWriter` (a fresh interpreter, not a fork:
+a Ray replica has threads and gRPC state that a fork would copy half-way).
+The replica sends compact records over a Unix socket pair; this process links
+each into its keyed hash chain, batches, bulk-inserts and commits (or appends
+and fsyncs to its spool file when the database cannot take them), and acks
+back ``(outcome, [sequence numbers])`` with its counters, commit timings and
+log lines, which the replica re-emits on its own logger and metrics.
+
+Why a process per replica rather than one shared per host: the replica owns
+its writer's lifetime (spawn, restart on a crash, re-send what was not acked),
+there is no registry of shared writers to get wrong, and a killed replica's
+writer sees EOF and drains on its own. The chain, the spool file and the
+orphan adoption work exactly as they did in the writer thread.
+
+Crash semantics:
+
+- The replica is killed: EOF on the socket (or SIGTERM from
+  ``PR_SET_PDEATHSIG``): everything received is made durable (database or
+  spool), the chain is checkpointed, and the process exits.
+- This process is killed: the replica sees EOF, starts a new writer process
+  and re-sends every record not yet acked, flagged "in doubt". A record in
+  doubt may already be durable in the dead process's chain (committed, or in
+  its spool, with the ack lost); linking it again would make the second copy
+  hit ON CONFLICT and leave a seq gap in the new chain. So the new process
+  looks for each in-doubt id in the spool files (read, not locked) and then in
+  the database (after the dead process's PostgreSQL sessions are gone, so a
+  COMMIT already on the wire cannot land after the check), acks the ones found
+  without linking them, and links only the rest. While the database cannot be
+  asked, in-doubt records wait (their requests stay unanswered) and are
+  refused after ``IN_DOUBT_GIVE_UP_S``: a refused request may have a row, an
+  answered one always has exactly one.
+
+Wire format: frames of a 4-byte big-endian length and a pickle (both ends are
+this module's code, on one host, over a private socket pair).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import logging
+import operator
+import os
+import pickle
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import Connection, Engine, create_engine
+
+from medserve.audit.chain import Chain
+from medserve.db.engine import get_engine
+from medserve.db.models import AuditCheckpoint, AuditRecord, utcnow
+
+logger = logging.getLogger("medserve.audit")
+
+# Where a durable record landed, as its producer learns it: None when it could be neither.
+COMMITTED, SPOOLED = "committed", "spooled"
+_REPLAY_CHUNK = 2000
+_ORPHAN_SCAN_S = 10.0
+IN_DOUBT_GIVE_UP_S = 30.0
+_DEAD_SESSION_WAIT_S = 10.0
+
+# --- the wire --------------------------------------------------------------------
+
+_HEADER = struct.Struct("!I")
+
+
+def send_frame(sock: socket.socket, message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def read_frame(stream: BinaryIO) -> Any:
+    """The next message, or raises EOFError when the other end is gone."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    size = _HEADER.unpack(header)[0]
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+# --- records ---------------------------------------------------------------------
+
+_COLUMNS = [column.name for column in AuditRecord.__table__.columns]
+_COLUMN_LIST = ", ".join(_COLUMNS)
+_column_values = operator.itemgetter(*_COLUMNS)
+CHAIN_COLUMNS = ("chain_id", "seq", "prev_hash", "record_hash")
+# What the replica sends, in this order: every column but the chain's (the gateway's record dict).
+INPUT_COLUMNS = tuple(name for name in _COLUMNS if name not in CHAIN_COLUMNS)
+
+
+def _error_name(error: BaseException) -> str:
+    """The database's own error class (InsufficientPrivilege, ...) without its message (may hold values)."""
+    orig = getattr(error, "orig", None)
+    return type(orig).__name__ if orig is not None else type(error).__name__
+
+
+def _row(record: dict[str, Any]) -> list[Any]:
+    try:
+        return list(_column_values(record))
+    except KeyError:  # a partial record: absent columns are NULL
+        return [record.get(name) for name in _COLUMNS]
+
+
+_PG_STAGE = "medserve_audit_in"
+
+
+def _bulk_insert_postgresql(connection: Connection, records: list[dict[str, Any]]) -> None:
+    """COPY into a session-local staging table, then one INSERT ... ON CONFLICT (id) DO NOTHING.
+
+    COPY is PostgreSQL's bulk path (several times a multi-row INSERT's rate);
+    the staging table keeps the idempotence that replay needs. UUIDs may come
+    as text (the wire) or uuid.UUID (a spool replay): COPY's text form takes both.
+    """
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (LIKE audit_records) ON COMMIT DELETE ROWS")
+    with cursor.copy(f"COPY {_PG_STAGE} ({_COLUMN_LIST}) FROM STDIN") as copy:
+        for record in records:
+            copy.write_row(_column_values(record) if len(record) == len(_COLUMNS) else _row(record))
+    cursor.execute(
+        f"INSERT INTO audit_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_PG_STAGE} "
+        "ON CONFLICT (id) DO NOTHING"
+    )
+
+
+_SQLITE_INSERT = (
+    f"INSERT INTO audit_records ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+_ID_INDEX, _CREATED_INDEX, _SHADOW_OF_INDEX = (_COLUMNS.index(name) for name in ("id", "created_at", "shadow_of"))
+
+
+def _uuid_hex(value: Any) -> Any:
+    """SQLAlchemy's Uuid on SQLite: 32 hex digits, whether the value came as uuid.UUID or as text."""
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, str):
+        return value.replace("-", "")
+    return value
+
+
+def _bulk_insert_sqlite(connection: Connection, records: list[dict[str, Any]]) -> None:
+    """One executemany in the driver, values in the exact form SQLAlchemy stores on SQLite (Uuid as hex,
+    UTC timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff'); the ORM reads them back unchanged."""
+    rows = []
+    for record in records:
+        row = _row(record)
+        row[_ID_INDEX] = _uuid_hex(row[_ID_INDEX])
+        if row[_SHADOW_OF_INDEX] is not None:
+            row[_SHADOW_OF_INDEX] = _uuid_hex(row[_SHADOW_OF_INDEX])
+        row[_CREATED_INDEX] = row[_CREATED_INDEX].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+        rows.append(tuple(row))
+    connection.exec_driver_sql(_SQLITE_INSERT, rows)
+
+
+def _on_conflict_do_nothing(engine: Engine, table: Any) -> Any:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - medserve supports SQLite and PostgreSQL
+        raise NotImplementedError(engine.dialect.name)
+    return insert(table).on_conflict_do_nothing(index_elements=["id"])
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _from_json(row: dict[str, Any]) -> dict[str, Any]:
+    row["id"] = uuid.UUID(row["id"])
+    row["created_at"] = datetime.fromisoformat(row["created_at"])
+    return row
+
+
+class SpoolFile:
+    """An append-only JSON-lines file of records and checkpoints, held under an exclusive lock."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.pending = 0  # records waiting in the file
+        self.entries = 0  # records and checkpoints waiting in the file
+
+    @classmethod
+    def create(cls, path: Path) -> "SpoolFile":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return cls(path, fd)
+
+    @classmethod
+    def adopt(cls, path: Path) -> "SpoolFile | None":
+        """The spool of a writer that is gone (its lock is free), or None while its owner lives."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        spool = cls(path, fd)
+        entries = spool.read()
+        spool.entries = len(entries)
+        spool.pending = sum(1 for kind, _ in entries if kind == "r")
+        return spool
+
+    def append(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
+        lines = [json.dumps({"r": {k: _to_json(v) for k, v in row.items()}}) for row in records]
+        lines += [json.dumps({"c": {k: _to_json(v) for k, v in row.items()}}) for row in checkpoints]
+        data = ("\n".join(lines) + "\n").encode()
+        written = 0
+        while written < len(data):
+            written += os.write(self.fd, data[written:])
+        os.fsync(self.fd)
+        self.pending += len(records)
+        self.entries += len(records) + len(checkpoints)
+
+    def read(self) -> list[tuple[str, dict[str, Any]]]:
+        return read_spool(self.path)
+
+    def clear(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.fsync(self.fd)
+        self.pending = self.entries = 0
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.pending = self.entries = 0
+
+
+def read_spool(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    entries: list[tuple[str, dict[str, Any]]] = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle):
+            try:
+                item = json.loads(line)
+            except ValueError:
+                # A line cut short by a crash: its records were never acknowledged.
+                logger.warning("audit spool %s: ignoring an incomplete line %d", path.name, number + 1)
+                continue
+            kind = "r" if "r" in item else "c"
+            entries.append((kind, _from_json(item[kind])))
+    return entries
+
+
+def _spooled_ids(spool_dir: Path | None) -> set[str]:
+    """Ids of the records in every spool file on the directory, held by anyone (reading needs no lock)."""
+    found: set[str] = set()
+    if spool_dir is None or not spool_dir.is_dir():
+        return found
+    for path in spool_dir.glob("*.jsonl"):
+        try:
+            with open(path, "rb") as handle:
+                for line in handle:
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        continue  # cut short by a crash: never acknowledged
+                    if "r" in item:
+                        found.add(str(item["r"]["id"]))
+        except FileNotFoundError:  # replayed and removed meanwhile: its records are in the database
+            continue
+    return found
+
+
+# --- log lines travel to the replica ---------------------------------------------
+
+
+class _ForwardingHandler(logging.Handler):
+    """Keeps this process's audit log lines for the next message: the replica logs them as its own
+    (its log shipping, and tests' caplog, see one writer)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+        self._lines_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lines_lock:
+            self.lines.append((record.levelno, record.getMessage()))
+
+    def take(self) -> list[tuple[int, str]]:
+        with self._lines_lock:
+            lines, self.lines = self.lines, []
+        return lines
+
+
+# --- the process -----------------------------------------------------------------
+
+_EOF = object()
+# (the replica's sequence number, the record as a dict)
+_Item = tuple[int, dict[str, Any]]
+
+
+class WriterProcess:
+    def __init__(self, sock: socket.socket, stream: BinaryIO, config: dict[str, Any],
+                 forward: _ForwardingHandler) -> None:
+        self._sock = sock
+        self._stream = stream
+        self._forward = forward
+        self._database_url: str = config["database_url"]
+        self._batch_max: int = config["batch_max"]
+        self._spool_dir: Path | None = Path(config["spool_dir"]) if config["spool_dir"] else None
+        self._checkpoint_every: int = config["checkpoint_every"]
+        self._retry_s: float = config["retry_s"]
+        self._db_timeout_s: float = config["db_timeout_s"]
+        self._dead_chains: list[str] = list(config.get("dead_chain_ids", ()))
+        self._chain = Chain(config["signing_key"], config["chain_id"])
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._leftover: list[_Item] = []
+        self._in_doubt: list[_Item] = []
+        self._in_doubt_since = 0.0
+        self._own_spool: SpoolFile | None = None
+        self._orphans: list[SpoolFile] = []
+        self._pending_checkpoints = [self._chain.checkpoint("open", utcnow())]
+        self._last_attempt = 0.0
+        self._last_orphan_scan = 0.0
+        self._write_failures = 0
+        self._records_committed = 0
+        self._records_spooled = 0
+        self._failing = False
+        self._acks: list[tuple[str | None, list[int]]] = []
+        self._commits: list[tuple[int, bool, float]] = []
+        self._last_stats: tuple[Any, ...] | None = None
+        self._replica_gone = False
+
+    # --- the socket's reading end --------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                kind, items = read_frame(self._stream)
+                self._inbox.put((kind == "in_doubt", [(seqno, dict(zip(INPUT_COLUMNS, values)))
+                                                      for seqno, values in items]))
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._inbox.put(_EOF)
+
+    def stop_reading(self, *_: Any) -> None:
+        """SIGTERM (the replica died: PR_SET_PDEATHSIG): stop taking records, drain, exit."""
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    # --- reporting back ------------------------------------------------------------
+
+    def _stats(self) -> tuple[Any, ...]:
+        return (self.spool_records, self._spooled_entries(), self._failing, self._write_failures,
+                self._records_committed, self._records_spooled)
+
+    def _send_update(self) -> None:
+        stats = self._stats()
+        lines = self._forward.take()
+        if not (self._acks or self._commits or lines) and stats == self._last_stats:
+            return
+        message = ("acks", self._acks, stats, self._commits, lines)
+        self._acks, self._commits, self._last_stats = [], [], stats
+        if self._replica_gone:
+            return
+        try:
+            send_frame(self._sock, message)
+        except OSError:
+            # The replica is gone: what it waited for is durable anyway; nobody reads the acks.
+            self._replica_gone = True
+
+    def _ack(self, items: list[_Item], outcome: str | None) -> None:
+        if items:
+            self._acks.append((outcome, [seqno for seqno, _ in items]))
+
+    @property
+    def spool_records(self) -> int:
+        return (self._own_spool.pending if self._own_spool else 0) + sum(s.pending for s in self._orphans)
+
+    def _spooled_entries(self) -> int:
+        return (self._own_spool.entries if self._own_spool else 0) + sum(s.entries for s in self._orphans)
+
+    # --- the loop ------------------------------------------------------------------
+
+    def _make_engine(self) -> Engine:
+        if self._database_url.startswith("postgresql"):
+            # A dedicated pool with timeouts: a hung database sends records to
+            # the spool instead of holding requests. The application name lets
+            # a successor see when this process's sessions are gone.
+            return create_engine(
+                self._database_url,
+                pool_pre_ping=True,
+                pool_size=2,
+                max_overflow=0,
+                connect_args={
+                    "connect_timeout": max(1, int(self._db_timeout_s)),
+                    "options": f"-c statement_timeout={int(self._db_timeout_s * 1000)}",
+                    "application_name": _application_name(self._chain.chain_id),
+                },
+            )
+        return get_engine(self._database_url)
+
+    def _take_batch(self, timeout: float | None) -> tuple[list[_Item], list[_Item], bool]:
+        """(new records, records in doubt, stop): at most batch_max new records, the rest kept for later."""
+        batch, in_doubt, stop = self._leftover, [], False
+        self._leftover = []
+        if not batch:
+            try:
+                first = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                return [], [], False
+            if first is _EOF:
+                return [], [], True
+            (in_doubt if first[0] else batch).extend(first[1])
+        while len(batch) < self._batch_max:
+            try:
+                frame = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if frame is _EOF:
+                stop = True
+                break
+            (in_doubt if frame[0] else batch).extend(frame[1])
+        if len(batch) > self._batch_max:
+            batch, self._leftover = batch[: self._batch_max], batch[self._batch_max :]
+        if stop and self._leftover:
+            # Drain in batch_max steps: put the end back behind what is left.
+            self._inbox.put(_EOF)
+            stop = False
+        return batch, in_doubt, stop
+
+    def run(self) -> None:
+        threading.Thread(target=self._read_loop, name="medserve-audit-reader", daemon=True).start()
+        self._engine = self._make_engine()
+        self._bulk = _bulk_insert_postgresql if self._engine.dialect.name == "postgresql" else _bulk_insert_sqlite
+        self._checkpoints = _on_conflict_do_nothing(self._engine, AuditCheckpoint.__table__)
+        self._scan_orphans()
+        if self._orphans:
+            self._replay()
+        self._send_update()
+        while True:
+            spooling = self._spooled_entries() > 0
+            batch, in_doubt, stop = self._take_batch(
+                self._retry_s if spooling or self._in_doubt else _ORPHAN_SCAN_S)
+            now = time.monotonic()
+            if self._spool_dir is not None and now - self._last_orphan_scan >= _ORPHAN_SCAN_S:
+                self._scan_orphans()  # a sibling replica on this directory may have been killed
+            if spooling and now - self._last_attempt >= self._retry_s:
+                self._replay()
+            if in_doubt:
+                if not self._in_doubt:
+                    self._in_doubt_since = now
+                self._in_doubt += in_doubt
+            if self._in_doubt:
+                batch = self._settle_in_doubt(give_up=stop) + batch
+            if batch or stop or self._pending_checkpoints:
+                self._persist_batch(batch, stop)
+            self._send_update()
+            if stop:
+                self._shutdown()
+                self._send_update()
+                return
+
+    def _shutdown(self) -> None:
+        if self._spooled_entries():
+            self._replay()
+        for spool in [*self._orphans, *([self._own_spool] if self._own_spool else [])]:
+            if spool.entries == 0 and spool is self._own_spool:
+                spool.remove()
+            elif spool.entries:
+                # Unlock it so the next writer on this directory adopts and replays it.
+                logger.error("audit database still unavailable at shutdown: %d records stay in spool %s",
+                             spool.pending, spool.path)
+                spool.release()
+
+    # --- records a dead writer process may already have kept -----------------------
+
+    def _settle_in_doubt(self, give_up: bool) -> list[_Item]:
+        """Ack the in-doubt records already durable (in a spool file or the database) without linking
+        them again; return the others, to be linked. While the database cannot be asked, the ones in no
+        spool wait: the dead process may have committed them."""
+        ids = {str(record["id"]) for _, record in self._in_doubt}
+        spooled = _spooled_ids(self._spool_dir) & ids  # first: a replay commits before it empties a spool
+        found_spooled = [item for item in self._in_doubt if str(item[1]["id"]) in spooled]
+        self._ack(found_spooled, SPOOLED)
+        self._in_doubt = [item for item in self._in_doubt if str(item[1]["id"]) not in spooled]
+        try:
+            self._wait_for_dead_sessions()
+            committed = self._ids_in_database(ids - spooled)
+        except Exception as error:  # noqa: BLE001
+            if self._in_doubt and (give_up or time.monotonic() - self._in_doubt_since >= IN_DOUBT_GIVE_UP_S):
+                logger.error("audit database unavailable (%s): %d re-sent record(s) whose first writer may have "
+                             "kept them are refused", _error_name(error), len(self._in_doubt))
+                self._ack(self._in_doubt, None)
+                self._in_doubt = []
+            return []
+        found_committed = [item for item in self._in_doubt if str(item[1]["id"]) in committed]
+        unknown = [item for item in self._in_doubt if str(item[1]["id"]) not in committed]
+        self._ack(found_committed, COMMITTED)
+        if found_committed or found_spooled:
+            logger.warning("%d re-sent audit record(s) were already durable (their ack was lost): not linked "
+                           "again", len(found_committed) + len(found_spooled))
+        self._in_doubt = []
+        return unknown
+
+    def _wait_for_dead_sessions(self) -> None:
+        """PostgreSQL: until the dead writer processes' sessions are gone, a COMMIT they had sent may
+        still land; wait for them (bounded) so the id check sees the final state."""
+        if self._engine.dialect.name != "postgresql" or not self._dead_chains:
+            return
+        names = [_application_name(chain_id) for chain_id in self._dead_chains]
+        deadline = time.monotonic() + _DEAD_SESSION_WAIT_S
+        with self._engine.connect() as connection:
+            cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            while time.monotonic() < deadline:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(%s)", (names,))
+                if cursor.fetchone()[0] == 0:
+                    break
+                time.sleep(0.05)
+            connection.rollback()
+        self._dead_chains = []
+
+    def _ids_in_database(self, ids: set[str]) -> set[str]:
+        found: set[str] = set()
+        if not ids:
+            return found
+        wanted = sorted(ids)
+        with self._engine.connect() as connection:
+            cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                if self._engine.dialect.name == "postgresql":
+                    cursor.execute("SELECT id::text FROM audit_records WHERE id = ANY(%s::uuid[])", (chunk,))
+                    found.update(row[0] for row in cursor.fetchall())
+                else:
+                    hexes = {value.replace("-", ""): value for value in chunk}
+                    cursor.execute(f"SELECT id FROM audit_records WHERE id IN ({', '.join('?' * len(hexes))})",
+                                   list(hexes))
+                    found.update(hexes[row[0]] for row in cursor.fetchall() if row[0] in hexes)
+            connection.rollback()
+        return found
+
+    # --- persisting ----------------------------------------------------------------
+
+    def _persist_batch(self, batch: list[_Item], stop: bool) -> None:
+        chain = self._chain
+        saved = (chain.seq, chain.last_hash, chain.since_checkpoint)
+        records, linked, refused = [], [], []
+        for item in batch:
+            # A malformed record (a bug upstream) is refused alone; it must not
+            # take the writer down with it, or every later durable write would wait.
+            link_state = (chain.seq, chain.last_hash, chain.since_checkpoint)
+            try:
+                records.append(chain.link(item[1]))
+            except Exception as error:  # noqa: BLE001
+                chain.seq, chain.last_hash, chain.since_checkpoint = link_state
+                logger.error("malformed audit record refused (%s)", type(error).__name__)
+                refused.append(item)
+            else:
+                linked.append(item)
+        self._ack(refused, None)
+        checkpoints = list(self._pending_checkpoints)
+        if chain.since_checkpoint >= self._checkpoint_every or (stop and records) or (stop and chain.seq):
+            checkpoints.append(chain.checkpoint("close" if stop else "periodic", utcnow()))
+        try:
+            landed = self._persist(records, checkpoints)
+        except Exception as error:  # noqa: BLE001 - neither the database nor the spool took it
+            self._failing = True
+            # Undo the links: the records were not kept, so the chain must not count them.
+            chain.seq, chain.last_hash, chain.since_checkpoint = saved
+            logger.error(
+                "audit records could not be made durable (%s): %d request(s) refused",
+                _error_name(error), len(linked),
+            )
+            self._ack(linked, None)
+            return
+        self._failing = False
+        self._pending_checkpoints = []
+        self._ack(linked, landed)
+
+    def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:
+        """COMMITTED or SPOOLED; raises when neither the database nor the spool took them."""
+        if self._spooled_entries() == 0:
+            started = time.perf_counter()
+            try:
+                self._insert(records, checkpoints)
+                self._commits.append((len(records), False, time.perf_counter() - started))
+                return COMMITTED
+            except Exception as error:  # noqa: BLE001
+                self._commits.append((len(records), True, time.perf_counter() - started))
+                self._write_failures += 1
+                self._last_attempt = time.monotonic()
+                if self._spool_dir is None:
+                    raise
+                logger.error(
+                    "audit database write failed (%s); spooling audit records to %s until it accepts them",
+                    _error_name(error), self._spool_dir,
+                )
+        if self._spool_dir is None:
+            raise RuntimeError("audit records are spooled but no spool directory is set")
+        if self._own_spool is None:
+            self._own_spool = SpoolFile.create(self._spool_dir / f"{self._chain.chain_id}.jsonl")
+        self._own_spool.append(records, checkpoints)
+        self._records_spooled += len(records)
+        return SPOOLED
+
+    def _insert(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
+        with self._engine.begin() as connection:
+            if records:
+                self._bulk(connection, records)
+            if checkpoints:
+                connection.execute(self._checkpoints, checkpoints)
+        self._records_committed += len(records)
+
+    # --- spool replay --------------------------------------------------------------
+
+    def _scan_orphans(self) -> None:
+        self._last_orphan_scan = time.monotonic()
+        if self._spool_dir is None or not self._spool_dir.is_dir():
+            return
+        held = {spool.path for spool in self._orphans}
+        if self._own_spool is not None:
+            held.add(self._own_spool.path)
+        for path in sorted(self._spool_dir.glob("*.jsonl")):
+            if path in held or path.stem == self._chain.chain_id:
+                continue
+            spool = SpoolFile.adopt(path)
+            if spool is None:
+                continue
+            if spool.entries == 0:
+                spool.remove()
+                continue
+            logger.warning("adopting audit spool %s of a writer that stopped (%d records)", path.name, spool.pending)
+            self._orphans.append(spool)
+
+    def _replay(self) -> None:
+        """Move spooled entries into the database, oldest file first; stop at the first failure."""
+        self._last_attempt = time.monotonic()
+        if self._spool_dir is not None and time.monotonic() - self._last_orphan_scan >= _ORPHAN_SCAN_S:
+            self._scan_orphans()
+        spools = list(self._orphans) + ([self._own_spool] if self._own_spool and self._own_spool.entries else [])
+        for spool in spools:
+            entries = spool.read()
+            started = time.perf_counter()
+            try:
+                with self._engine.begin() as connection:
+                    for start in range(0, len(entries), _REPLAY_CHUNK):
+                        chunk = entries[start : start + _REPLAY_CHUNK]
+                        records = [row for kind, row in chunk if kind == "r"]
+                        checkpoints = [row for kind, row in chunk if kind == "c"]
+                        if records:
+                            self._bulk(connection, records)
+                        if checkpoints:
+                            connection.execute(self._checkpoints, checkpoints)
+            except Exception as error:  # noqa: BLE001
+                self._commits.append((spool.pending, True, time.perf_counter() - started))
+                self._write_failures += 1
+                logger.warning("audit spool replay still failing (%s); %d records wait in the spool",
+                               _error_name(error), self.spool_records)
+                return
+            replayed = spool.pending
+            self._commits.append((replayed, False, time.perf_counter() - started))
+            self._records_committed += replayed
+            if spool is self._own_spool:
+                spool.clear()
+            else:
+                spool.remove()
+                self._orphans.remove(spool)
+            logger.warning("audit database accepts writes again: replayed %d spooled records from %s",
+                           replayed, spool.path.name)
+
+
+def _application_name(chain_id: str) -> str:
+    return f"medserve-audit {chain_id}"
+
+
+def _die_with_parent(parent_pid: int, on_parent_death: Any) -> None:
+    """SIGTERM when the replica dies, even if something else still holds our socket open (Linux)."""
+    signal.signal(signal.SIGTERM, on_parent_death)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: EOF on the socket still tells us
+        pass
+    if os.getppid() != parent_pid:  # the replica died before prctl took effect
+        on_parent_death()
+
+
+def main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    forward = _ForwardingHandler()
+    audit_logger = logging.getLogger("medserve.audit")
+    audit_logger.addHandler(forward)
+    audit_logger.setLevel(logging.INFO)
+    audit_logger.propagate = False  # the replica logs them, once
+    stream = sock.makefile("rb", buffering=1 << 20)
+    try:
+        _, config = read_frame(stream)
+    except EOFError:
+        return
+    writer = WriterProcess(sock, stream, config, forward)
+    _die_with_parent(config["parent_pid"], writer.stop_reading)
+    writer.run()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
