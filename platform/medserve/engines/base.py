@@ -18,6 +18,11 @@ import numpy as np
 
 from medserve.specs import DeploymentSpec
 
+# ModelServer methods the gateway may send in batches (one handle call for the requests of one event-loop
+# tick: gateway/batching.py): light, stateless whole answers. LLM generation stays one call per request
+# (a batch would put several generations on one replica's single llama.cpp context instead of spreading them).
+BATCHABLE_METHODS = frozenset({"classify", "infer"})
+
 
 @dataclass(frozen=True)
 class GenerationParams:

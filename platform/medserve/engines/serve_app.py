@@ -21,7 +21,7 @@ import numpy as np
 from ray import serve
 
 from medserve import metrics
-from medserve.engines.base import GenerationParams, ImagingEngine, LLMEngine, Piece, VolumeEngine
+from medserve.engines.base import BATCHABLE_METHODS, GenerationParams, ImagingEngine, LLMEngine, Piece, VolumeEngine
 from medserve.engines.loader import load_engine
 from medserve.engines.noop import NoopEngine
 from medserve.engines.reasoning import ReasoningSplitter, Split
@@ -322,6 +322,17 @@ class ModelServer:
         outputs = await asyncio.to_thread(engine.infer_tensors, inputs)
         tensors = [tensor_from_numpy(name, np.asarray(value)) for name, value in outputs.items()]
         return {"outputs": tensors, "output_sha256": _digest(repr(tensors))}
+
+    async def call_many(self, method: str, calls: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """Several gateway requests for one method in one handle round trip (gateway/batching.py).
+
+        Each answer is that call's own result or error payload, in order: one
+        bad input fails only its own request.
+        """
+        if method not in BATCHABLE_METHODS:
+            return [OperationNotSupportedError("this method is not called in batches", method=method).to_payload()
+                    for _ in calls]
+        return list(await asyncio.gather(*(getattr(self, method)(*args) for args in calls)))
 
     @_envelope_errors
     async def metadata(self) -> dict[str, Any]:

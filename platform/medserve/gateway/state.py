@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
+from medserve.engines.base import BATCHABLE_METHODS
 from medserve.errors import (
     MedserveError,
     ModelOverloadedError,
@@ -34,6 +35,7 @@ from medserve.errors import (
 )
 from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope, sha256_hex
 from medserve.gateway.auth import Authenticator, require, require_department
+from medserve.gateway.batching import HandleBatcher
 from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.known_state import StateRefresher
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
@@ -118,6 +120,7 @@ class GatewayState:
         self.local_engines = load_local_engines(self.catalog, allow_unpinned=allow_unpinned)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._stream_handles: dict[str, Any] = {}
+        self._batchers: dict[tuple[str, str], HandleBatcher] = {}
         # What the request path needs from the database, held as last-known-good copies.
         self.known_states = [self.authenticator.keys, self.routes.known]
         for known in self.known_states:
@@ -347,9 +350,19 @@ class GatewayState:
         if local is not None:
             # In this replica: the same ModelServer method, without the handle hop.
             response = getattr(local, method)(*args)
+        elif method in BATCHABLE_METHODS:
+            # Calls to this model in the same event-loop tick share one handle call (gateway/batching.py).
+            response = self._batcher(entry, method).call(*args)
         else:
             response = getattr(self._handle(entry), method).remote(*args)
         return await self._answer(entry, response, self.settings.request_timeout_s)
+
+    def _batcher(self, entry: CatalogEntry, method: str) -> HandleBatcher:
+        batcher = self._batchers.get((entry.app_name, method))
+        if batcher is None:
+            batcher = HandleBatcher(lambda: self._handle(entry), method)
+            self._batchers[(entry.app_name, method)] = batcher
+        return batcher
 
     async def stream(self, entry: CatalogEntry, method: str, *args: Any) -> AsyncIterator[dict[str, Any]]:
         """Items of a streaming engine method, within the request timeout.
