@@ -15,24 +15,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from medserve import metrics
 from medserve.db.engine import session_scope
 from medserve.errors import AuthenticationError, DatabaseUnavailableError
 from medserve.gateway.auth import Authenticator
 from medserve.gateway.errors import response_for
 from medserve.gateway.known_state import KnownState, StateRefresher
 from medserve.security.api_keys import create_api_key, revoke_api_key
-from tests.unit.test_metrics import Recording
+from tests.unit.test_metrics import recording  # noqa: F401 - the recording metrics backend fixture
 
 UNREACHABLE = "postgresql+psycopg://medserve@127.0.0.1:1/medserve"
-
-
-@pytest.fixture
-def recording():  # type: ignore[no-untyped-def]
-    backend = Recording()
-    metrics.use_backend(backend)
-    yield backend
-    metrics.use_backend(None)
 
 
 def _key(database_url: str, **kwargs) -> tuple[str, str]:  # type: ignore[no-untyped-def]
