@@ -34,11 +34,23 @@ from medserve.specs import DeploymentSpec, load_catalog
 
 
 
+# Modules that break things on purpose run after all others: the failures they cause (audit writes and
+# state reloads failing while a database is down) stay in the exported counters and keep alerts firing for
+# minutes, and test_metrics_prometheus.py checks that a healthy platform fires no alert.
+RUN_LAST = ("test_database_outage.py",)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.integration)
+    integration = [item for item in items if here in Path(str(item.fspath)).parents]
+    for item in integration:
+        item.add_marker(pytest.mark.integration)
+    last = [item for item in integration if Path(str(item.fspath)).name in RUN_LAST]
+    if last:
+        rest = [item for item in items if item not in last]
+        positions = [index for index, item in enumerate(rest) if item in integration]
+        after = positions[-1] + 1 if positions else 0  # right after the other integration tests
+        items[:] = rest[:after] + last + rest[after:]
 
 
 def free_port() -> int:

@@ -46,6 +46,9 @@ def test_up_prints_url_and_a_working_demo_key_then_down_stops_it(platform: Platf
 
         status = _medserve(platform, "status")
         assert "gateway" in status.stdout and "RUNNING" in status.stdout
+        # The gateway's own line: readiness, the audit spool's depth and the age of its known state.
+        assert f"gateway {platform.base_url}: ready; database ok; audit spool 0 record(s)" in status.stdout
+        assert "state age: keys" in status.stdout and "routes" in status.stdout
 
         down = _medserve(platform, "down")
         assert down.returncode == 0 and "medserve stopped" in down.stdout

@@ -28,6 +28,7 @@ from medserve.controlplane.prometheus import (
     start_prometheus,
     stop_prometheus,
 )
+from medserve.specs import deployments_of, pipelines_of
 
 from .conftest import Platform, free_port, new_patient_id
 
@@ -211,10 +212,12 @@ def test_medserve_and_ray_serve_metrics_share_the_node_export(prometheus: LocalP
             break
         time.sleep(2.0)
     assert {"cardiology", "radiology", "none"} <= departments
-    # No free text: model names only from the catalog (earlier modules' traffic may still be exported).
-    catalog_models = {spec.model.name for spec in platform.catalog() if hasattr(spec, "model")}
+    # No free text: model names only from the catalog, its models and pipelines (earlier modules' traffic
+    # may still be exported).
+    specs = platform.catalog()
+    catalog_names = {spec.model.name for spec in deployments_of(specs)} | {p.name for p in pipelines_of(specs)}
     for sample in series:
-        assert sample["metric"]["model"] in catalog_models | {"none"}
+        assert sample["metric"]["model"] in catalog_names | {"none"}
     # Gauges name the Serve replica (Ray merges same-labelled gauges on a node).
     info = _query(prometheus, "ray_medserve_model_info")["result"]
     assert {s["metric"]["model"] for s in info} >= {SMOL, TUMOUR}
