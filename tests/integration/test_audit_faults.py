@@ -16,16 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
 
 from medserve.audit.integrity import verify
 from medserve.audit.writer import AuditWriter
 from medserve.db.engine import session_scope, upgrade
-from medserve.db.models import AuditRecord
 from medserve.gateway.app import create_app
 from medserve.gateway.state import set_gateway
 from medserve.security.api_keys import create_api_key
 from tests.integration.audit_gateway import INFER_BODY, MODEL, SIGNING_KEY, make_state
+from tests.audit_rows import audit_count, audit_ids
 from tests.postgres import TemporaryPostgres, find_bin_dir, wait_until
 
 pytestmark = [pytest.mark.slow]
@@ -49,14 +48,6 @@ def db(pg):  # type: ignore[no-untyped-def]
     return url, key
 
 
-def _ids(url: str) -> set[uuid.UUID]:
-    with session_scope(url) as session:
-        return set(session.scalars(select(AuditRecord.id)))
-
-
-def _count(url: str) -> int:
-    with session_scope(url) as session:
-        return session.scalar(select(func.count()).select_from(AuditRecord))
 
 
 class Load:
@@ -121,8 +112,8 @@ def test_postgres_stopped_for_10s_under_load_loses_nothing(pg, db, tmp_path, cap
         state.close()
     assert load.ok_while.get("outage", 0) > 0, "strict durability answered from the spool during the outage"
     assert set(load.statuses) == {200}
-    assert _count(url) == len(load.statuses)  # one row per answered request, exactly once
-    assert load.answered_ok <= _ids(url)
+    assert audit_count(url) == len(load.statuses)  # one row per answered request, exactly once
+    assert load.answered_ok <= audit_ids(url)
     result = verify(url, SIGNING_KEY.encode())
     assert result.ok, result.problems
     assert "spooling audit records" in caplog.text and "replayed" in caplog.text
@@ -173,7 +164,7 @@ def test_gateway_process_killed_under_load_loses_no_answered_record(pg, db, tmp_
         assert wait_until(lambda: replacement.spool_records == 0, timeout=60)
     finally:
         replacement.close()
-    stored = _ids(url)
+    stored = audit_ids(url)
     assert load.answered_ok <= stored  # every answered request is accounted for
     # Requests in flight at the kill may have been recorded without being answered; none was invented.
     assert len(load.answered_ok) <= len(stored) <= load.sent
@@ -212,13 +203,13 @@ def test_database_refusing_writes_spools_logs_and_counts(pg, db, tmp_path, caplo
         assert state.writer.write_failures >= 1
         assert state.writer.spool_records > 0
         assert "audit database write failed (InsufficientPrivilege)" in caplog.text
-        assert _count(url) == 1
+        assert audit_count(url) == 1
         pg.psql("GRANT INSERT ON audit_records TO medserve", database=database)
         assert wait_until(lambda: state.writer.spool_records == 0, timeout=30)
     finally:
         set_gateway(None)
         state.close()
-    assert _count(url) == 31
+    assert audit_count(url) == 31
     assert verify(url, SIGNING_KEY.encode()).ok
 
 
@@ -242,7 +233,7 @@ def test_database_refusing_writes_with_no_usable_spool_refuses_answers(pg, db, t
     finally:
         set_gateway(None)
         state.close()
-    assert _count(url) == 4
+    assert audit_count(url) == 4
     assert verify(url, SIGNING_KEY.encode()).ok  # refused records left no hole in the chain
 
 
@@ -276,8 +267,8 @@ def test_writer_process_killed_under_load_loses_no_answered_record(pg, db, tmp_p
         state.close()
     assert load.ok_while.get("first kill", 0) > 0 and load.ok_while.get("second kill", 0) > 0
     assert set(load.statuses) == {200}  # the requests waiting on a killed writer were answered by the next
-    assert _count(url) == len(load.statuses)  # one row per answered request, exactly once
-    assert load.answered_ok == _ids(url)
+    assert audit_count(url) == len(load.statuses)  # one row per answered request, exactly once
+    assert load.answered_ok == audit_ids(url)
     result = verify(url, SIGNING_KEY.encode())
     assert result.ok, result.problems
     assert result.chains >= 3

@@ -20,6 +20,7 @@ from medserve.audit.writer_process import INPUT_COLUMNS, read_frame, send_frame
 from medserve.db.engine import session_scope, upgrade
 from medserve.db.models import AuditCheckpoint, AuditRecord, utcnow
 from medserve.errors import AuditUnavailableError
+from tests.audit_rows import audit_count, audit_ids
 from tests.postgres import wait_until
 
 KEY = b"test-signing-key"
@@ -32,14 +33,6 @@ def _record(**overrides):
     return record
 
 
-def _ids(url: str) -> set[uuid.UUID]:
-    with session_scope(url) as session:
-        return set(session.scalars(select(AuditRecord.id)))
-
-
-def _count(url: str) -> int:
-    with session_scope(url) as session:
-        return session.scalar(select(func.count()).select_from(AuditRecord))
 
 
 def _gone(pid: int) -> bool:
@@ -71,7 +64,7 @@ def test_records_are_chained_and_committed_by_another_process(audit_db_url):
         assert writer.records_committed == len(records)
     finally:
         writer.close()
-    assert _ids(audit_db_url) == {r["id"] for r in records}
+    assert audit_ids(audit_db_url) == {r["id"] for r in records}
     with session_scope(audit_db_url) as session:
         assert session.scalar(select(AuditRecord.shadow_of).where(AuditRecord.shadow)) == shadowed["id"]
     result = verify(audit_db_url, KEY)
@@ -98,7 +91,7 @@ def test_a_malformed_record_does_not_kill_the_writer_process(audit_db_url):
         assert writer.process_id == pid  # the same process carried on
     finally:
         writer.close()
-    assert _count(audit_db_url) == 3
+    assert audit_count(audit_db_url) == 3
     assert verify(audit_db_url, KEY).ok
 
 
@@ -136,7 +129,7 @@ def test_sigkill_of_the_writer_process_under_concurrent_strict_writes_loses_no_a
         writer.close()
     assert len(killed) == 2
     assert sent == 32 * 40 == len(acknowledged)  # every write was answered, none refused
-    stored = _ids(audit_db_url)
+    stored = audit_ids(audit_db_url)
     assert acknowledged == stored  # each exactly once: the table's id is its primary key
     result = verify(audit_db_url, KEY)
     assert result.ok, result.problems
@@ -193,7 +186,7 @@ def test_records_a_dead_process_kept_but_never_acked_are_acked_without_relinking
     first, sock = _start(unmigrated_url, chain_id=first_chain, repo_root=repo_root)
     send_frame(sock, ("records", [(n, _wire(r)) for n, r in enumerate(records[:10])]))
     # The first process commits them; its acks are never read: lost with it.
-    assert wait_until(lambda: _count(unmigrated_url) == 10)
+    assert wait_until(lambda: audit_count(unmigrated_url) == 10)
     first.kill()
     first.wait()
     sock.close()
@@ -205,7 +198,7 @@ def test_records_a_dead_process_kept_but_never_acked_are_acked_without_relinking
     assert second.wait(timeout=30) == 0
     sock.close()
     assert set(outcomes.values()) == {COMMITTED}
-    assert _ids(unmigrated_url) == {r["id"] for r in records}
+    assert audit_ids(unmigrated_url) == {r["id"] for r in records}
     result = verify(unmigrated_url, KEY)
     assert result.ok, result.problems  # no seq gap in the second chain
     with session_scope(unmigrated_url) as session:
@@ -233,11 +226,11 @@ def test_records_a_dead_process_spooled_but_never_acked_are_acked_as_spooled(tmp
     # the database cannot be asked: they wait for it instead of being linked twice.
     upgrade(url)  # the database comes back: the second process replays the spool, then links the three
     assert set(_outcomes(sock, {5, 6, 7}).values()) <= {COMMITTED, SPOOLED}
-    assert wait_until(lambda: _count(url) == 8)
+    assert wait_until(lambda: audit_count(url) == 8)
     sock.shutdown(socket.SHUT_WR)
     assert second.wait(timeout=30) == 0
     sock.close()
-    assert _ids(url) == {r["id"] for r in records}
+    assert audit_ids(url) == {r["id"] for r in records}
     result = verify(url, KEY)
     assert result.ok, result.problems
     assert not list(spool.glob("*.jsonl"))
@@ -252,7 +245,7 @@ def test_the_writer_process_drains_and_exits_when_the_socket_closes(tmp_path, re
     send_frame(sock, ("records", [(n, _wire(r)) for n, r in enumerate(records)]))
     sock.close()  # the replica is gone without reading a single ack
     assert process.wait(timeout=30) == 0
-    assert _ids(url) == {r["id"] for r in records}
+    assert audit_ids(url) == {r["id"] for r in records}
     result = verify(url, KEY)
     assert result.ok, result.problems
     with session_scope(url) as session:
@@ -285,6 +278,6 @@ def test_the_writer_process_exits_when_its_replica_is_killed(tmp_path, repo_root
     assert done.returncode == -9, done.stderr[-2000:]
     writer_pid = int(done.stdout.split()[0])
     assert wait_until(lambda: _gone(writer_pid), timeout=30)
-    assert _count(url) == 20
+    assert audit_count(url) == 20
     result = verify(url, KEY)
     assert result.ok, result.problems
