@@ -73,10 +73,10 @@ def test_refresher_thread_reloads_what_is_due():
     state = KnownState("keys", lambda: loads.append(1) or len(loads), refresh_s=0.05)
     refresher = StateRefresher([state]).start()
     try:
-        deadline = asyncio.run(_wait_for(lambda: len(loads) >= 3))
+        reloaded = asyncio.run(_wait_for(lambda: len(loads) >= 3))
     finally:
         refresher.stop()
-    assert deadline and state.value is not None and state.value >= 3
+    assert reloaded and state.value is not None and state.value >= 3
 
 
 async def _wait_for(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]

@@ -61,7 +61,7 @@ from typing import Any, BinaryIO
 from sqlalchemy import Connection, Engine, create_engine
 
 from medserve.audit.chain import Chain
-from medserve.db.engine import get_engine
+from medserve.db.engine import database_error_name, get_engine
 from medserve.db.models import AuditCheckpoint, AuditRecord, utcnow
 
 logger = logging.getLogger("medserve.audit")
@@ -104,11 +104,6 @@ CHAIN_COLUMNS = ("chain_id", "seq", "prev_hash", "record_hash")
 # What the replica sends, in this order: every column but the chain's (the gateway's record dict).
 INPUT_COLUMNS = tuple(name for name in _COLUMNS if name not in CHAIN_COLUMNS)
 
-
-def _error_name(error: BaseException) -> str:
-    """The database's own error class (InsufficientPrivilege, ...) without its message (may hold values)."""
-    orig = getattr(error, "orig", None)
-    return type(orig).__name__ if orig is not None else type(error).__name__
 
 
 def _row(record: dict[str, Any]) -> list[Any]:
@@ -512,7 +507,7 @@ class WriterProcess:
         except Exception as error:  # noqa: BLE001
             if self._in_doubt and (give_up or time.monotonic() - self._in_doubt_since >= IN_DOUBT_GIVE_UP_S):
                 logger.error("audit database unavailable (%s): %d re-sent record(s) whose first writer may have "
-                             "kept them are refused", _error_name(error), len(self._in_doubt))
+                             "kept them are refused", database_error_name(error), len(self._in_doubt))
                 self._ack(self._in_doubt, None)
                 self._in_doubt = []
             return []
@@ -592,7 +587,7 @@ class WriterProcess:
             chain.seq, chain.last_hash, chain.since_checkpoint = saved
             logger.error(
                 "audit records could not be made durable (%s): %d request(s) refused",
-                _error_name(error), len(linked),
+                database_error_name(error), len(linked),
             )
             self._ack(linked, None)
             return
@@ -616,7 +611,7 @@ class WriterProcess:
                     raise
                 logger.error(
                     "audit database write failed (%s); spooling audit records to %s until it accepts them",
-                    _error_name(error), self._spool_dir,
+                    database_error_name(error), self._spool_dir,
                 )
         if self._spool_dir is None:
             raise RuntimeError("audit records are spooled but no spool directory is set")
@@ -678,7 +673,7 @@ class WriterProcess:
                 self._commits.append((spool.pending, True, time.perf_counter() - started))
                 self._write_failures += 1
                 logger.warning("audit spool replay still failing (%s); %d records wait in the spool",
-                               _error_name(error), self.spool_records)
+                               database_error_name(error), self.spool_records)
                 return
             replayed = spool.pending
             self._commits.append((replayed, False, time.perf_counter() - started))

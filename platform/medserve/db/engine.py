@@ -92,3 +92,10 @@ def current_revision(url: str) -> str | None:
 
     with get_engine(url).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def database_error_name(error: BaseException) -> str:
+    """The database's own error class (OperationalError, InsufficientPrivilege, ...) for a log line,
+    without its message: a driver's message can hold connection details or row values."""
+    orig = getattr(error, "orig", None)
+    return type(orig).__name__ if orig is not None else type(error).__name__

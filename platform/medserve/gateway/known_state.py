@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from medserve import metrics
+from medserve.db.engine import database_error_name
 from medserve.errors import DatabaseUnavailableError
 
 logger = logging.getLogger("medserve.gateway.state")
@@ -75,7 +76,7 @@ class KnownState(Generic[T]):
                     self._failing = True
                     # Once per outage, and without the message (it can carry connection details).
                     logger.warning("could not refresh %s from the database (%s); serving the copy from %s",
-                                   self.name, _error_name(error),
+                                   self.name, database_error_name(error),
                                    "never (none loaded yet)" if self.loaded_at is None else
                                    f"{self.age_s:.0f} s ago")
                 return False
@@ -93,10 +94,6 @@ class KnownState(Generic[T]):
                 raise DatabaseUnavailableError(state=self.name)
         return self.value
 
-
-def _error_name(error: BaseException) -> str:
-    orig = getattr(error, "orig", None)
-    return type(orig).__name__ if orig is not None else type(error).__name__
 
 
 class StateRefresher:
