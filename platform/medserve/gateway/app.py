@@ -68,6 +68,7 @@ class Gateway:
     ) -> None:
         self.state = GatewayState(catalog, settings, pipelines, allow_unpinned=allow_unpinned)
         set_gateway(self.state)
+        app.max_body_bytes = self.state.settings.max_body_bytes
 
     def __del__(self) -> None:
         # Ray Serve calls this on graceful replica shutdown: drain the audit queue.

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from medserve.gateway.body_drain import BODY_METHODS, BodyDrainGuard
 from medserve.gateway.errors import response_for
 from medserve.gateway.state import GatewayState, get_gateway, route_path
 
@@ -47,8 +48,13 @@ class GatewayApp(FastAPI):
     """FastAPI, with a dispatch table consulted before FastAPI's router."""
 
     fast_routes: tuple[FastRoute, ...] = ()
+    # Set from the gateway's settings when a replica starts; bounds the drain of unread bodies.
+    max_body_bytes: int = 64 * 1024 * 1024
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS:
+            guard = BodyDrainGuard(scope, receive, send, self.max_body_bytes)
+            receive, send = guard.receive, guard.send
         if scope["type"] == "http" and self.fast_routes:
             path, method = route_path(scope), scope["method"]
             for route in self.fast_routes:
