@@ -17,6 +17,11 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# The shipped request-rate default: generous for a clinical app, a wall for a runaway loop.
+DEFAULT_KEY_RPS = 50.0
+DEFAULT_BURST_SECONDS = 2.0
+
+
 class Settings(BaseSettings):
     """Everything an operator can set for one medserve process."""
 
@@ -144,14 +149,24 @@ class Settings(BaseSettings):
         description="Gateway replicas sharing the limits below (set by the control plane); "
         "each replica enforces its share of every rate limit.",
     )
+    # On by default (OWASP API4): one misbehaving app must not take every model's capacity.
     rate_limit_key_rps: float | None = Field(
-        default=None, gt=0, description="Requests per second one API key or identity may make (unset: no limit)."
+        default=DEFAULT_KEY_RPS,
+        ge=0,
+        description="Requests per second one API key or identity may make, unless the key has its own limit "
+        "(`medserve keys create/set-rate-limit --rate-limit-rps`; 0 there lifts it). 0: no default limit.",
     )
     rate_limit_department_rps: float | None = Field(
         default=None, gt=0, description="Requests per second one department's callers may make together (unset: no limit)."
     )
+    rate_limit_departments: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-department request rates that replace rate_limit_department_rps for those departments, "
+        'as JSON, e.g. {"radiology": 200, "research": 5}.',
+    )
     rate_limit_burst_seconds: float = Field(
-        default=1.0, gt=0, description="Burst allowance: a bucket holds this many seconds' worth of requests."
+        default=DEFAULT_BURST_SECONDS, gt=0,
+        description="Burst allowance: a bucket holds this many seconds' worth of requests.",
     )
     token_budget_key_per_day: int | None = Field(
         default=None, gt=0, description="LLM tokens (prompt + completion) one key may use per UTC day (unset: no limit)."

@@ -85,9 +85,11 @@ class Platform:
                              self.render_options(), registered_by="integration tests",
                              require_approved=self.settings.require_approved_versions)
 
-    def key(self, role: str = "clinical-app", department: str | None = None) -> str:
+    def key(self, role: str = "clinical-app", department: str | None = None, rate_limit_rps: float | None = None) -> str:
+        """A new key; rate_limit_rps=0 for a load test's key (no limit, as a hospital gives its benchmark key)."""
         with session_scope(self.database_url) as session:
-            _, plaintext = create_api_key(session, name=f"test {role}", role=role, department=department)
+            _, plaintext = create_api_key(session, name=f"test {role}", role=role, department=department,
+                                          rate_limit_rps=rate_limit_rps)
         return plaintext
 
     def client(self, key: str | None = None, timeout: float = 120.0) -> httpx.Client:

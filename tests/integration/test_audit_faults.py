@@ -44,7 +44,7 @@ def db(pg):  # type: ignore[no-untyped-def]
     url = pg.create_database()
     upgrade(url)
     with session_scope(url) as session:
-        key = create_api_key(session, name="ward app", role="clinical-app")[1]
+        key = create_api_key(session, name="ward app", role="clinical-app", rate_limit_rps=0)[1]  # load
     return url, key
 
 

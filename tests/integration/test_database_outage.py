@@ -94,7 +94,7 @@ def pg_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory) ->
         url = server.create_database()
         upgrade(url)
         with session_scope(url) as session:
-            key = create_api_key(session, name="ward app", role="clinical-app")[1]
+            key = create_api_key(session, name="ward app", role="clinical-app", rate_limit_rps=0)[1]  # load
         # Its own spool: a SQLite gateway's leftovers must never be replayed into this database.
         spool_dir = tmp_path_factory.mktemp("pg-spool")
         options = platform.render_options(database_url=url, audit_spool_dir=str(spool_dir), audit_retry_s=0.5,

@@ -88,7 +88,7 @@ def controller(platform: Platform, tumour: DeploymentSpec):
 
 @pytest.fixture(scope="module")
 def app_key(platform: Platform) -> str:
-    return platform.key("clinical-app")
+    return platform.key("clinical-app", rate_limit_rps=0)  # 500-request loads below
 
 
 def _classify(client, patient: str):  # type: ignore[no-untyped-def]

@@ -69,7 +69,7 @@ def test_load_scales_replicas_up_and_they_come_back_to_the_minimum_after_it(plat
     patient = new_patient_id()
     try:
         _deploy(platform, spec)
-        key = platform.key()
+        key = platform.key(rate_limit_rps=0)  # a load test
         _wait_for_200(platform, path, key)
         assert replica_counts(platform.target, app) == (1, 1)
 
@@ -141,7 +141,7 @@ def test_a_full_queue_answers_503_model_overloaded_at_once_and_each_request_is_a
     patient = new_patient_id()
     try:
         _deploy(platform, spec)
-        key = platform.key()
+        key = platform.key(rate_limit_rps=0)  # a load test
         _wait_for_200(platform, path, key)  # also authenticates the key once (cached after)
 
         barrier = threading.Barrier(BURST)

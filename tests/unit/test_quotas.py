@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import select
 
 from medserve.controlplane.render import RenderOptions, render_serve_config
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord
+from medserve.errors import RateLimitedError
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBucket
 from medserve.security.api_keys import Principal
 from medserve.security.roles import Role
@@ -148,3 +150,59 @@ def test_the_gateway_routes_engine_calls_through_the_priority_gate(tmp_path, dat
         assert state.gate(entry).capacity == 4 and state.gate(entry).in_flight == 0
         assert state.priority_class(principal(department="icu")) == "emergency"
         assert state.priority_class(principal(department="lab")) == "standard"
+
+
+def test_a_key_with_its_own_rate_replaces_the_default_and_zero_lifts_it():
+    limiter = RateLimiter(key_rps=1.0, department_rps=None, burst_seconds=1.0)
+    fast = Principal(key_id="pacs", name="t", role=Role.CLINICAL_APP, department=None, rate_limit_rps=100.0)
+    unlimited = Principal(key_id="bench", name="t", role=Role.CLINICAL_APP, department=None, rate_limit_rps=0.0)
+    for _ in range(100):
+        limiter.check(fast, now=5.0)
+    for _ in range(1000):
+        limiter.check(unlimited, now=5.0)
+    limiter.check(principal("ward"), now=5.0)
+    with pytest.raises(RateLimitedError):
+        limiter.check(principal("ward"), now=5.0)  # the default still holds for every other key
+
+
+def test_a_department_override_replaces_the_department_default():
+    limiter = RateLimiter(key_rps=None, department_rps=1.0, departments={"radiology": 3.0})
+    for key in ("a", "b", "c"):
+        limiter.check(principal(key, "radiology"), now=1.0)
+    with pytest.raises(RateLimitedError):
+        limiter.check(principal("d", "radiology"), now=1.0)
+    limiter.check(principal("e", "icu"), now=1.0)
+    with pytest.raises(RateLimitedError):
+        limiter.check(principal("f", "icu"), now=1.0)
+
+
+def test_a_fresh_install_limits_every_key_and_the_chart_ships_the_same_default():
+    import yaml
+
+    from medserve.settings import DEFAULT_BURST_SECONDS, DEFAULT_KEY_RPS, Settings
+
+    fresh = Settings(_env_file=None)
+    assert (fresh.rate_limit_key_rps, fresh.rate_limit_burst_seconds) == (DEFAULT_KEY_RPS, DEFAULT_BURST_SECONDS)
+    chart_config = yaml.safe_load((REPO_ROOT / "helm/medserve/files/serve-config.yaml").read_text())
+    shipped = chart_config["applications"][0]["args"]["settings"]
+    assert shipped["rate_limit_key_rps"] == DEFAULT_KEY_RPS and shipped["rate_limit_burst_seconds"] == DEFAULT_BURST_SECONDS
+
+
+def test_a_keys_own_rate_is_stored_loaded_by_gateways_and_kept_across_rotation(database_url):
+    from medserve.db.engine import session_scope as scope
+    from medserve.errors import BadRequestError
+    from medserve.security.api_keys import create_api_key, load_key_table, rotate_api_key, set_key_rate_limit
+
+    with scope(database_url) as session:
+        row, plaintext = create_api_key(session, name="pacs bridge", role="clinical-app", rate_limit_rps=200.0)
+        key_id = row.key_id
+    with scope(database_url) as session:
+        assert load_key_table(session).verify(plaintext).rate_limit_rps == 200.0
+        set_key_rate_limit(session, key_id, 0)
+    with scope(database_url) as session:
+        assert load_key_table(session).verify(plaintext).rate_limit_rps == 0
+        _, rotated = rotate_api_key(session, key_id)
+    with scope(database_url) as session:
+        assert load_key_table(session).verify(rotated).rate_limit_rps == 0
+        with pytest.raises(BadRequestError):
+            set_key_rate_limit(session, key_id, -1)

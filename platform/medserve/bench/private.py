@@ -106,7 +106,8 @@ def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[
     settings.audit_signing_key_bytes()
     connection = start_local_ray(settings)
     with session_scope(settings.resolved_database_url) as session:
-        _, key = create_api_key(session, name="benchmark", role="clinical-app")
+        # No request-rate limit: the benchmark measures the door, not the default quota.
+        _, key = create_api_key(session, name="benchmark", role="clinical-app", rate_limit_rps=0)
     return PrivatePlatform(
         settings=settings,
         target=RayClusterTarget(connection.dashboard_url, connection.auth_token),

@@ -49,6 +49,7 @@ GATEWAY_SETTING_NAMES = (
     "oidc_leeway_s",
     "rate_limit_key_rps",
     "rate_limit_department_rps",
+    "rate_limit_departments",
     "rate_limit_burst_seconds",
     "token_budget_key_per_day",
     "token_budget_department_per_day",

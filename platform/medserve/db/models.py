@@ -87,6 +87,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # Requests per second this key may make; NULL: the install's default
+    # (MEDSERVE_RATE_LIMIT_KEY_RPS), 0: no limit (e.g. a benchmark key).
+    rate_limit_rps: Mapped[float | None] = mapped_column(Float)
 
 
 class Model(Base):

@@ -69,47 +69,62 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """Token buckets per key and per department, sized to this replica's share."""
+    """Token buckets per key and per department, sized to this replica's share.
+
+    A key's own limit (``Principal.rate_limit_rps``; 0: none) replaces the
+    default per-key rate; ``departments`` replaces the default department rate
+    for the departments it names.
+    """
 
     def __init__(
         self,
         key_rps: float | None,
         department_rps: float | None,
         *,
+        departments: dict[str, float] | None = None,
         replicas: int = 1,
         burst_seconds: float = 1.0,
         max_buckets: int = 50_000,
     ) -> None:
+        self._replicas = replicas
         self._key_rps = key_rps / replicas if key_rps else None
         self._department_rps = department_rps / replicas if department_rps else None
+        self._departments = {name: rps / replicas for name, rps in (departments or {}).items() if rps}
         self._burst = burst_seconds
         self._max_buckets = max_buckets
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._key_rps or self._department_rps)
-
     def _bucket(self, kind: str, name: str, rate: float, now: float) -> TokenBucket:
         bucket = self._buckets.get((kind, name))
-        if bucket is None:
+        if bucket is None or bucket.rate != rate:
             if len(self._buckets) >= self._max_buckets:
                 self._buckets.clear()  # bound memory; a reset only ever forgives
             bucket = TokenBucket(rate=rate, capacity=max(1.0, rate * self._burst), updated=now)
             self._buckets[(kind, name)] = bucket
         return bucket
 
+    def key_rate(self, principal: Principal) -> float | None:
+        """This replica's share of the caller's request rate (None: unlimited)."""
+        own = principal.rate_limit_rps
+        if own is None:
+            return self._key_rps
+        return own / self._replicas if own else None
+
     def check(self, principal: Principal, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        limits: list[tuple[str, str, float]] = []
-        if self._key_rps:
-            limits.append(("key", principal.key_id, self._key_rps))
-        if self._department_rps and principal.department:
-            limits.append(("department", principal.department, self._department_rps))
-        for kind, name, rate in limits:
-            wait = self._bucket(kind, name, rate, now).take(now)
-            if wait > 0:
-                raise RateLimitedError(limit=kind, retry_after_s=math.ceil(wait * 1000) / 1000)
+        key_rate = self.key_rate(principal)
+        if key_rate:
+            self._take("key", principal.key_id, key_rate, now)
+        department = principal.department
+        if department:
+            department_rate = self._departments.get(department, self._department_rps)
+            if department_rate:
+                self._take("department", department, department_rate, now)
+
+    def _take(self, kind: str, name: str, rate: float, now: float) -> None:
+        wait = self._bucket(kind, name, rate, now).take(now)
+        if wait > 0:
+            raise RateLimitedError(limit=kind, retry_after_s=math.ceil(wait * 1000) / 1000)
 
 
 # --- daily token budgets -----------------------------------------------------------

@@ -92,6 +92,7 @@ class GatewayState:
         self.rate_limiter = RateLimiter(
             self.settings.rate_limit_key_rps,
             self.settings.rate_limit_department_rps,
+            departments=self.settings.rate_limit_departments,
             replicas=self.settings.gateway_replicas,
             burst_seconds=self.settings.rate_limit_burst_seconds,
         )
@@ -218,8 +219,7 @@ class GatewayState:
             raise PermissionDeniedError("this route is not open to any role") from None
         if permission is not None:
             require(principal, permission)
-        if self.rate_limiter.enabled:
-            self.rate_limiter.check(principal)
+        self.rate_limiter.check(principal)
         _current_principal.set(principal)
         return principal
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +33,8 @@ class Principal:
     name: str
     role: Role
     department: str | None
+    # This key's own request rate (requests per second); None: the install's default, 0: no limit.
+    rate_limit_rps: float | None = None
 
 
 def _hash_secret(secret: str) -> str:
@@ -53,8 +56,14 @@ def create_api_key(
     role: Role | str,
     department: str | None = None,
     expires_at: datetime | None = None,
+    rate_limit_rps: float | None = None,
 ) -> tuple[ApiKey, str]:
-    """Store a new key and return it with its plaintext (the only time it exists)."""
+    """Store a new key and return it with its plaintext (the only time it exists).
+
+    ``rate_limit_rps``: this key's own request rate; None keeps the install's
+    default, 0 lifts the limit.
+    """
+    _check_rate_limit(rate_limit_rps)
     try:
         role = Role(role)
     except ValueError:
@@ -70,6 +79,7 @@ def create_api_key(
         role=role.value,
         department=department,
         expires_at=expires_at,
+        rate_limit_rps=rate_limit_rps,
     )
     session.add(row)
     session.flush()
@@ -85,7 +95,8 @@ def verify_api_key(session: Session, presented: str, now: datetime | None = None
     now = now or utcnow()
     if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
         raise AuthenticationError()
-    return Principal(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department)
+    return Principal(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department,
+                     rate_limit_rps=row.rate_limit_rps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +146,14 @@ class KeyTable:
 
 def load_key_table(session: Session) -> KeyTable:
     rows = session.execute(
-        select(ApiKey.key_id, ApiKey.secret_sha256, ApiKey.name, ApiKey.role, ApiKey.department, ApiKey.expires_at)
+        select(ApiKey.key_id, ApiKey.secret_sha256, ApiKey.name, ApiKey.role, ApiKey.department, ApiKey.expires_at,
+               ApiKey.rate_limit_rps)
         .where(ApiKey.revoked_at.is_(None))
     )
     return KeyTable({
-        key_id: KnownKey(secret, Principal(key_id=key_id, name=name, role=Role(role), department=department), expires)
-        for key_id, secret, name, role, department, expires in rows
+        key_id: KnownKey(secret, Principal(key_id=key_id, name=name, role=Role(role), department=department,
+                                           rate_limit_rps=rate), expires)
+        for key_id, secret, name, role, department, expires, rate in rows
     })
 
 
@@ -150,6 +163,23 @@ def _find_key(session: Session, key_id: str) -> ApiKey:
     row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
     if row is None:
         raise NotFoundError("no API key has this id", key_id=key_id)
+    return row
+
+
+def _check_rate_limit(rate_limit_rps: float | None) -> None:
+    if rate_limit_rps is not None and not (rate_limit_rps >= 0 and math.isfinite(rate_limit_rps)):
+        raise BadRequestError("a key's rate limit is requests per second, 0 (no limit) or more",
+                              rate_limit_rps=rate_limit_rps)
+
+
+def set_key_rate_limit(session: Session, key_id: str, rate_limit_rps: float | None) -> ApiKey:
+    """Give a key its own request rate (None: back to the install's default, 0: no limit).
+
+    Gateways apply it at their next key refresh (MEDSERVE_API_KEY_CACHE_SECONDS).
+    """
+    _check_rate_limit(rate_limit_rps)
+    row = _find_key(session, key_id)
+    row.rate_limit_rps = rate_limit_rps
     return row
 
 
@@ -174,7 +204,8 @@ def rotate_api_key(
     if old.revoked_at is not None or (old.expires_at is not None and old.expires_at <= now):
         raise BadRequestError("this key is revoked or expired; create a new one instead", key_id=key_id)
     new, plaintext = create_api_key(
-        session, name=old.name, role=old.role, department=old.department, expires_at=old.expires_at
+        session, name=old.name, role=old.role, department=old.department, expires_at=old.expires_at,
+        rate_limit_rps=old.rate_limit_rps,
     )
     grace_end = now + grace
     old.expires_at = grace_end if old.expires_at is None else min(old.expires_at, grace_end)
