@@ -1,4 +1,4 @@
-"""`medserve keys`: API keys for applications and people."""
+"""`medserve keys`: API keys for applications and people. Key state lives in medserve.security.api_keys."""
 
 from __future__ import annotations
 
@@ -38,20 +38,13 @@ def keys_create(name: str, role: str, department: str | None, expires_in_days: i
 @keys.command("list")
 def keys_list() -> None:
     """List keys (ids, names, roles; never secrets)."""
-    from sqlalchemy import select
-
     from medserve.db.engine import session_scope
-    from medserve.db.models import ApiKey, utcnow
+    from medserve.security.api_keys import list_api_keys
 
     with session_scope(load_settings().resolved_database_url) as session:
-        for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
-            if row.revoked_at:
-                state = "revoked"
-            elif row.expires_at is not None and row.expires_at <= utcnow():
-                state = "expired"
-            else:
-                state = "active"
-            click.echo(f"{row.key_id}  {row.role:<12} {row.department or '-':<14} {state:<8} {row.name}")
+        listed = list_api_keys(session)
+    for key in listed:
+        click.echo(f"{key.key_id}  {key.role.value:<12} {key.department or '-':<14} {key.state:<8} {key.name}")
 
 
 @keys.command("revoke")
