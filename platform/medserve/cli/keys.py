@@ -7,6 +7,7 @@ from datetime import timedelta
 import click
 
 from medserve.cli.common import fail, load_settings
+from medserve.security.roles import Role
 
 
 @click.group()
@@ -16,9 +17,7 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who or what the key is for.")
-@click.option(
-    "--role", required=True, type=click.Choice(["clinical-app", "clinician", "admin", "auditor", "ops"])
-)
+@click.option("--role", required=True, type=click.Choice([role.value for role in Role]))
 @click.option("--department", default=None, help="Bind the key to one department.")
 @click.option("--expires-in-days", type=int, default=None, help="Expire the key after this many days.")
 def keys_create(name: str, role: str, department: str | None, expires_in_days: int | None) -> None:
