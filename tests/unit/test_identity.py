@@ -16,8 +16,11 @@ from medserve.cli.main import cli
 from medserve.db.engine import session_scope
 from medserve.db.models import ApiKey, AuditRecord, utcnow
 from medserve.errors import AuthenticationError, BadRequestError
-from medserve.security.api_keys import create_api_key, revoke_api_key, rotate_api_key, verify_api_key
+from medserve.security.api_keys import (
+    create_api_key, list_api_keys, revoke_api_key, rotate_api_key, verify_api_key,
+)
 from medserve.security.oidc import OIDCVerifier, caller_id
+from medserve.security.roles import Role
 
 from .fake_gateway import gateway_client
 
@@ -159,6 +162,20 @@ def test_rotation_keeps_name_role_department_and_expires_the_old_key_after_the_g
             verify_api_key(session, new_plain)
         with pytest.raises(BadRequestError):
             rotate_api_key(session, new.key_id)
+
+
+def test_listed_keys_carry_role_and_state_never_secrets(database_url):
+    with session_scope(database_url) as session:
+        active, _ = create_api_key(session, name="ward app", role="clinical-app", department="icu")
+        revoked, _ = create_api_key(session, name="old app", role="clinician")
+        expired, _ = create_api_key(session, name="temp", role="auditor", expires_at=utcnow() - timedelta(minutes=1))
+        revoke_api_key(session, revoked.key_id)
+    with session_scope(database_url) as session:
+        listed = {key.key_id: key for key in list_api_keys(session)}
+    assert {key_id: key.state for key_id, key in listed.items()} == {
+        active.key_id: "active", revoked.key_id: "revoked", expired.key_id: "expired"}
+    assert listed[active.key_id].role is Role.CLINICAL_APP and listed[active.key_id].department == "icu"
+    assert not any(hasattr(key, name) for key in listed.values() for name in ("secret_sha256", "secret"))
 
 
 def test_keys_rotate_and_revoke_commands(database_url, monkeypatch):

@@ -14,6 +14,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,6 +24,8 @@ from medserve.errors import AuthenticationError, BadRequestError
 from medserve.security.roles import Role
 
 KEY_PREFIX = "msk"
+
+KeyState = Literal["active", "expired", "revoked"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,47 @@ def set_key_rate_limit(session: Session, key_id: str, rate_limit_rps: float | No
     row = _find_key(session, key_id)
     row.rate_limit_rps = rate_limit_rps
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One key as an operator lists it: who it is for and its state, never its secret or hash."""
+
+    key_id: str
+    name: str
+    role: Role
+    department: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    state: KeyState
+    # Its own requests per second; None: the install's default, 0: no limit.
+    rate_limit_rps: float | None = None
+
+
+def _state(row: ApiKey, now: datetime) -> KeyState:
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def _info(row: ApiKey, now: datetime) -> KeyInfo:
+    return KeyInfo(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department,
+                   created_at=row.created_at, expires_at=row.expires_at, revoked_at=row.revoked_at,
+                   state=_state(row, now), rate_limit_rps=row.rate_limit_rps)
+
+
+def show_api_key(session: Session, key_id: str, now: datetime | None = None) -> KeyInfo:
+    """One key's details (NotFoundError for an unknown id)."""
+    return _info(_find_key(session, key_id), now or utcnow())
+
+
+def list_api_keys(session: Session, now: datetime | None = None) -> list[KeyInfo]:
+    """Every key, revoked and expired ones too, oldest first."""
+    now = now or utcnow()
+    return [_info(row, now) for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at))]
 
 
 def revoke_api_key(session: Session, key_id: str, now: datetime | None = None) -> ApiKey:
