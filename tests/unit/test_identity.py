@@ -197,3 +197,26 @@ def test_keys_rotate_and_revoke_commands(database_url, monkeypatch):
     listing = runner.invoke(cli, ["keys", "list"]).output
     assert "revoked" in listing and "expired" in listing
     assert runner.invoke(cli, ["keys", "revoke", "nosuchkey"]).exit_code != 0
+
+
+def test_keys_show_tells_the_rate_a_key_is_held_to_and_set_rate_limit_changes_it(database_url, monkeypatch):
+    monkeypatch.setenv("MEDSERVE_DATABASE_URL", database_url)
+    monkeypatch.delenv("MEDSERVE_RATE_LIMIT_KEY_RPS", raising=False)
+    runner = CliRunner()
+    created = runner.invoke(cli, ["keys", "create", "--name", "ward app", "--role", "clinical-app"])
+    key_id = created.stdout.strip().splitlines()[0].split("_")[1]
+    shown = runner.invoke(cli, ["keys", "show", key_id])
+    assert shown.exit_code == 0 and "rate limit:  50 requests/s, burst 2 s (the install's default" in shown.output
+    assert runner.invoke(cli, ["keys", "set-rate-limit", key_id, "0"]).exit_code == 0
+    assert "no limit (this key's own setting)" in runner.invoke(cli, ["keys", "show", key_id]).output
+    assert runner.invoke(cli, ["keys", "set-rate-limit", key_id, "12.5"]).exit_code == 0
+    assert "12.5 requests/s" in runner.invoke(cli, ["keys", "show", key_id]).output
+    refused = runner.invoke(cli, ["keys", "set-rate-limit", key_id, "fast"])
+    assert refused.exit_code != 0 and "'default'" in refused.output
+    assert runner.invoke(cli, ["keys", "set-rate-limit", key_id, "-3"]).exit_code != 0
+    assert runner.invoke(cli, ["keys", "set-rate-limit", key_id, "default"]).exit_code == 0
+    assert "the install's default" in runner.invoke(cli, ["keys", "show", key_id]).output
+    pacs = runner.invoke(cli, ["keys", "create", "--name", "pacs", "--role", "clinical-app", "--rate-limit-rps", "200"])
+    pacs_id = pacs.stdout.strip().splitlines()[0].split("_")[1]
+    assert "200 requests/s" in runner.invoke(cli, ["keys", "show", pacs_id]).output
+    assert runner.invoke(cli, ["keys", "show", "nosuchkey"]).exit_code != 0

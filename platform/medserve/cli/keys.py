@@ -20,7 +20,10 @@ def keys() -> None:
 @click.option("--role", required=True, type=click.Choice([role.value for role in Role]))
 @click.option("--department", default=None, help="Bind the key to one department.")
 @click.option("--expires-in-days", type=int, default=None, help="Expire the key after this many days.")
-def keys_create(name: str, role: str, department: str | None, expires_in_days: int | None) -> None:
+@click.option("--rate-limit-rps", type=float, default=None,
+              help="This key's own requests per second (default: MEDSERVE_RATE_LIMIT_KEY_RPS; 0: no limit).")
+def keys_create(name: str, role: str, department: str | None, expires_in_days: int | None,
+                rate_limit_rps: float | None) -> None:
     """Create a key and print it once (only its hash is stored)."""
     from medserve.db.engine import session_scope
     from medserve.db.models import utcnow
@@ -28,7 +31,8 @@ def keys_create(name: str, role: str, department: str | None, expires_in_days: i
 
     expires = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
     with session_scope(load_settings().resolved_database_url) as session:
-        row, plaintext = create_api_key(session, name=name, role=role, department=department, expires_at=expires)
+        row, plaintext = create_api_key(session, name=name, role=role, department=department, expires_at=expires,
+                                        rate_limit_rps=rate_limit_rps)
         key_id = row.key_id
     click.echo(plaintext)
     click.echo(f"key id {key_id} ({role}); store it now: it cannot be shown again.", err=True)
@@ -44,6 +48,56 @@ def keys_list() -> None:
         listed = list_api_keys(session)
     for key in listed:
         click.echo(f"{key.key_id}  {key.role.value:<12} {key.department or '-':<14} {key.state:<8} {key.name}")
+
+
+def _rate_limit_line(own: float | None) -> str:
+    settings = load_settings()
+    if own == 0:
+        return "no limit (this key's own setting)"
+    if own is not None:
+        return f"{own:g} requests/s, burst {settings.rate_limit_burst_seconds:g} s (this key's own setting)"
+    if not settings.rate_limit_key_rps:
+        return "no limit (the install sets no default: MEDSERVE_RATE_LIMIT_KEY_RPS=0)"
+    return (f"{settings.rate_limit_key_rps:g} requests/s, burst {settings.rate_limit_burst_seconds:g} s "
+            "(the install's default, MEDSERVE_RATE_LIMIT_KEY_RPS)")
+
+
+@keys.command("show")
+@click.argument("key_id")
+def keys_show(key_id: str) -> None:
+    """Show one key: role, department, state and the request rate it is held to (never its secret)."""
+    from medserve.db.engine import session_scope
+    from medserve.security.api_keys import show_api_key
+
+    with session_scope(load_settings().resolved_database_url) as session:
+        key = show_api_key(session, key_id)
+    click.echo(f"key id:      {key.key_id}")
+    click.echo(f"name:        {key.name}")
+    click.echo(f"role:        {key.role.value}")
+    click.echo(f"department:  {key.department or '-'}")
+    click.echo(f"state:       {key.state}")
+    click.echo(f"created:     {key.created_at.isoformat()}")
+    click.echo(f"expires:     {key.expires_at.isoformat() if key.expires_at else '-'}")
+    click.echo(f"rate limit:  {_rate_limit_line(key.rate_limit_rps)}")
+
+
+@keys.command("set-rate-limit")
+@click.argument("key_id")
+@click.argument("rps")
+def keys_set_rate_limit(key_id: str, rps: str) -> None:
+    """Give a key its own requests per second: a number, 0 for no limit, or 'default' for the install's default."""
+    from medserve.db.engine import session_scope
+    from medserve.security.api_keys import set_key_rate_limit
+
+    try:
+        value = None if rps == "default" else float(rps)
+    except ValueError:
+        fail(f"RPS is a number of requests per second, 0 (no limit) or 'default', not {rps!r}")
+    settings = load_settings()
+    with session_scope(settings.resolved_database_url) as session:
+        set_key_rate_limit(session, key_id, value)
+    click.echo(f"key {key_id}: {_rate_limit_line(value)}; gateways apply it within "
+               f"{settings.api_key_cache_seconds:g} s (their key refresh).", err=True)
 
 
 @keys.command("revoke")
