@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from medserve.gateway.catalog import CatalogEntry
+from medserve.catalog import CatalogEntry
 from medserve.registry.routing import version_app_name
 from medserve.settings import Settings
 from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of

@@ -24,9 +24,9 @@ from typing import Any
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
+from medserve.catalog import CatalogEntry
 from medserve.db.models import utcnow
 from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
-from medserve.gateway.catalog import CatalogEntry
 from medserve.gateway.errors import known_error
 from medserve.security.api_keys import Principal
 from medserve.security.pseudonyms import pseudonymize_headers

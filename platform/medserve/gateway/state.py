@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
+from medserve.catalog import Catalog, CatalogEntry
 from medserve.engines.base import BATCHABLE_METHODS
 from medserve.errors import (
     MedserveError,
@@ -36,7 +37,6 @@ from medserve.errors import (
 from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope, sha256_hex
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.batching import HandleBatcher
-from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.known_state import StateRefresher
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
 from medserve.gateway.routing import RouteTable, entry_for

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from medserve.catalog import CatalogEntry
 from medserve.db.models import utcnow
 from medserve.errors import (
     InputConstraintError,
@@ -29,7 +30,6 @@ from medserve.errors import (
 )
 from medserve.gateway.audit_scope import sha256_hex
 from medserve.gateway.auth import require, require_department
-from medserve.gateway.catalog import CatalogEntry
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, parse_json_body, provenance_headers
 from medserve.imaging.multipart import parse_series_upload
