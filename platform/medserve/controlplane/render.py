@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medserve.catalog import CatalogEntry
 from medserve.engines.registry import ENGINES
 from medserve.registry.routing import version_app_name
-from medserve.settings import Settings
+from medserve.settings import GATEWAY_SETTING_NAMES, Settings
 from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
 
 GATEWAY_APP = "gateway"
@@ -26,37 +26,6 @@ ENGINE_DEPLOYMENT = "ModelServer"
 GATEWAY_IMPORT_PATH = "medserve.gateway.app:build_app"
 # The vllm application's ingress only relays tokens; the GPUs belong to Ray Serve LLM's deployment.
 VLLM_ADAPTER_NUM_CPUS = 0.25
-
-# Gateway settings that travel in the config (non-secret, per-deployment policy).
-GATEWAY_SETTING_NAMES = (
-    "audit_durability",
-    "audit_batch_max",
-    "audit_queue_max",
-    "audit_checkpoint_every",
-    "audit_retry_s",
-    "audit_db_timeout_s",
-    "api_key_cache_seconds",
-    "max_body_bytes",
-    "request_timeout_s",
-    "oidc_issuer",
-    "oidc_audience",
-    "oidc_jwks_file",
-    "oidc_jwks_url",
-    "oidc_jwks_cache_seconds",
-    "oidc_algorithms",
-    "oidc_roles_claim",
-    "oidc_department_claim",
-    "oidc_leeway_s",
-    "rate_limit_key_rps",
-    "rate_limit_department_rps",
-    "rate_limit_burst_seconds",
-    "token_budget_key_per_day",
-    "token_budget_department_per_day",
-    "token_budget_cache_seconds",
-    "department_priority",
-    "require_approved_versions",
-    "rollout_cache_seconds",
-)
 
 
 class RenderOptions(BaseModel):
