@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 import logging
 import os
 import threading
@@ -69,10 +68,6 @@ _record_ids = _RecordIds()
 def new_record_id() -> uuid.UUID:
     """A new audit record id (and inference id): a random version 4 UUID."""
     return _record_ids.next()
-
-
-def sha256_hex(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
 from medserve.catalog import Catalog, CatalogEntry
+from medserve.digests import sha256_hex
 from medserve.engines.base import BATCHABLE_METHODS
 from medserve.errors import (
     MedserveError,
@@ -34,7 +35,7 @@ from medserve.errors import (
     VersionNotApprovedError,
     error_from_payload,
 )
-from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope, sha256_hex
+from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.batching import HandleBatcher
 from medserve.gateway.known_state import StateRefresher

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.catalog import CatalogEntry
 from medserve.db.models import utcnow
+from medserve.digests import sha256_hex
 from medserve.errors import (
     InputConstraintError,
     MedserveError,
@@ -28,7 +29,6 @@ from medserve.errors import (
     PipelineNotFoundError,
     RequestValidationFailed,
 )
-from medserve.gateway.audit_scope import sha256_hex
 from medserve.gateway.auth import require, require_department
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, parse_json_body, provenance_headers
