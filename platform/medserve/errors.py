@@ -300,6 +300,19 @@ class ClusterError(MedserveError):
     http_status = 503
     default_message = "The Ray cluster could not be reached or refused the change."
 
+    def __init__(self, message: str | None = None, *, retryable: bool = False, **details: Any) -> None:
+        super().__init__(message, **details)
+        # The cluster may accept the same idempotent request later (unreachable,
+        # or a 5xx from the dashboard); a refusal of the request itself is not.
+        self.retryable = retryable
+
+    def __reduce__(self):  # keep retryable too when pickled
+        return (_rebuild_cluster_error, (self.message, self.retryable, self.details))
+
+
+def _rebuild_cluster_error(message: str, retryable: bool, details: dict[str, Any]) -> ClusterError:
+    return ClusterError(message, retryable=retryable, **details)
+
 
 def _all_subclasses(cls: type[MedserveError]) -> list[type[MedserveError]]:
     result = []

@@ -54,7 +54,8 @@ class RayClusterTarget:
             except httpx.HTTPError as error:
                 if attempt == attempts:
                     raise ClusterError(
-                        f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}"
+                        f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}",
+                        retryable=True,
                     ) from None
             else:
                 if response.status_code < 500 or attempt == attempts:
@@ -65,7 +66,8 @@ class RayClusterTarget:
             # show it, or a refused deploy cannot be diagnosed.
             raise ClusterError(
                 f"the Ray dashboard refused {method} {path} with HTTP {response.status_code}: "
-                f"{response.text[-1500:]}"
+                f"{response.text[-1500:]}",
+                retryable=response.status_code >= 500,
             )
         return response
 
@@ -79,8 +81,7 @@ class RayClusterTarget:
                 self._request("PUT", "/api/serve/applications/", json=config)
                 return
             except ClusterError as error:
-                retryable = "cannot reach" in error.message or "HTTP 5" in error.message
-                if not retryable or time.monotonic() > deadline:
+                if not error.retryable or time.monotonic() > deadline:
                     raise
             time.sleep(2.0)
 
