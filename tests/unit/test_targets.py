@@ -53,3 +53,17 @@ def test_apply_gives_up_after_its_deadline(monkeypatch):
 def test_retryable_survives_pickling():
     error = pickle.loads(pickle.dumps(ClusterError("down", retryable=True, app="x")))
     assert error.retryable and error.details == {"app": "x"} and error.message == "down"
+
+
+def test_every_target_implements_the_whole_protocol():
+    """apply_catalog calls each ServeTarget method directly, so every target has all of them."""
+    from medserve.bench.private import ExtraAppsTarget
+    from medserve.controlplane.kuberay import KubeRayTarget
+    from medserve.controlplane.targets import ServeTarget
+
+    methods = [name for name in vars(ServeTarget) if not name.startswith("_") and callable(vars(ServeTarget)[name])]
+    assert "wait_until_running" in methods and "apply" in methods
+    for cls in (RayClusterTarget, KubeRayTarget):
+        assert [name for name in methods if not callable(getattr(cls, name, None))] == [], cls.__name__
+    # The benchmark's wrapper adds apply and wait_until_running and hands the rest on.
+    assert callable(ExtraAppsTarget.wait_until_running) and callable(ExtraAppsTarget.apply)

@@ -34,6 +34,11 @@ class ServeTarget(Protocol):
     def node_resources(self) -> list[dict[str, float]]:
         """Total resources of each alive node, to decide which specs can run."""
 
+    def wait_until_running(self, names: list[str], timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+        """After apply: wait until the named applications run and return their statuses
+        (ClusterError if one fails), or return {} at once where the target rolls out
+        on its own and nothing here should wait."""
+
 
 class RayClusterTarget:
     """A Ray cluster reached through its dashboard's Serve REST API."""
