@@ -295,6 +295,20 @@ class NotFoundError(MedserveError):
     default_message = "Not found."
 
 
+class MethodNotAllowedError(MedserveError):
+    code = "method_not_allowed"
+    http_status = 405
+    default_message = "Not available."
+
+
+class FrameworkHTTPError(MedserveError):
+    """Another HTTP error the web framework raised itself; the response keeps the framework's status."""
+
+    code = "http_error"
+    http_status = 400
+    default_message = "Not available."
+
+
 class ClusterError(MedserveError):
     code = "cluster_error"
     http_status = 503

@@ -27,6 +27,7 @@ from medserve.engines.noop import NoopEngine
 from medserve.engines.reasoning import ReasoningSplitter, Split
 from medserve.errors import (
     ContextLengthExceededError,
+    InferenceError,
     InputConstraintError,
     MedserveError,
     OperationNotSupportedError,
@@ -53,7 +54,7 @@ def _envelope_errors(method):  # type: ignore[no-untyped-def]
             return error.to_payload()
         except Exception:  # noqa: BLE001 - an engine bug must not leak request content
             logger.exception("engine %s failed", self.spec.name)
-            return {"error": {"code": "inference_failed", "message": "The model failed to produce a result."}}
+            return InferenceError().to_payload()
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -70,7 +71,7 @@ def _envelope_stream_errors(method):  # type: ignore[no-untyped-def]
             yield error.to_payload()
         except Exception:  # noqa: BLE001 - an engine bug must not leak request content
             logger.exception("engine %s failed", self.spec.name)
-            yield {"error": {"code": "inference_failed", "message": "The model failed to produce a result."}}
+            yield InferenceError().to_payload()
 
     wrapper.__name__ = method.__name__
     return wrapper
