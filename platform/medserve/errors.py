@@ -295,10 +295,37 @@ class NotFoundError(MedserveError):
     default_message = "Not found."
 
 
+class MethodNotAllowedError(MedserveError):
+    code = "method_not_allowed"
+    http_status = 405
+    default_message = "Not available."
+
+
+class FrameworkHTTPError(MedserveError):
+    """Another HTTP error the web framework raised itself; the response keeps the framework's status."""
+
+    code = "http_error"
+    http_status = 400
+    default_message = "Not available."
+
+
 class ClusterError(MedserveError):
     code = "cluster_error"
     http_status = 503
     default_message = "The Ray cluster could not be reached or refused the change."
+
+    def __init__(self, message: str | None = None, *, retryable: bool = False, **details: Any) -> None:
+        super().__init__(message, **details)
+        # The cluster may accept the same idempotent request later (unreachable,
+        # or a 5xx from the dashboard); a refusal of the request itself is not.
+        self.retryable = retryable
+
+    def __reduce__(self):  # keep retryable too when pickled
+        return (_rebuild_cluster_error, (self.message, self.retryable, self.details))
+
+
+def _rebuild_cluster_error(message: str, retryable: bool, details: dict[str, Any]) -> ClusterError:
+    return ClusterError(message, retryable=retryable, **details)
 
 
 def _all_subclasses(cls: type[MedserveError]) -> list[type[MedserveError]]:

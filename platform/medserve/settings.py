@@ -11,7 +11,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +20,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The shipped request-rate default: generous for a clinical app, a wall for a runaway loop.
 DEFAULT_KEY_RPS = 50.0
 DEFAULT_BURST_SECONDS = 2.0
+GATEWAY_MARKER = "medserve_gateway"
+
+
+def GatewayField(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 (reads like pydantic's Field)
+    """A setting that travels to the gateway in its Serve application args:
+    non-secret, per-deployment policy. The control plane copies every field made
+    with it (GATEWAY_SETTING_NAMES), so a new gateway setting cannot be left out."""
+    return Field(*args, json_schema_extra={GATEWAY_MARKER: True}, **kwargs)
 
 
 class Settings(BaseSettings):
@@ -68,13 +76,15 @@ class Settings(BaseSettings):
         description="HMAC key for clinical-context pseudonyms. Unset: generated once into "
         "$MEDSERVE_HOME/pseudonym.key. Changing it breaks linkage of old pseudonyms.",
     )
-    audit_durability: Literal["strict", "batched"] = Field(
+    audit_durability: Literal["strict", "batched"] = GatewayField(
         default="strict",
         description="strict: an audit record is committed before its response is sent. "
         "batched: responses do not wait for the commit (faster; a crash can lose the last batch).",
     )
-    audit_batch_max: int = Field(default=500, ge=1, description="Most audit records one database commit carries.")
-    audit_queue_max: int = Field(
+    audit_batch_max: int = GatewayField(
+        default=500, ge=1, description="Most audit records one database commit carries."
+    )
+    audit_queue_max: int = GatewayField(
         default=20_000, ge=1, description="Bound on audit records waiting for the writer; beyond it requests wait."
     )
     audit_signing_key: SecretStr | None = Field(
@@ -82,7 +92,7 @@ class Settings(BaseSettings):
         description="HMAC key of the audit hash chain and its signed checkpoints. Unset: generated once into "
         "$MEDSERVE_HOME/audit-signing.key. `medserve audit verify` needs the same key.",
     )
-    audit_checkpoint_every: int = Field(
+    audit_checkpoint_every: int = GatewayField(
         default=1000, ge=1, description="A signed audit checkpoint at least every this many records of a chain."
     )
     audit_spool_dir: Path | None = Field(
@@ -90,57 +100,59 @@ class Settings(BaseSettings):
         description="Local durable spool for audit records the database cannot take right now "
         "(unset: $MEDSERVE_HOME/audit-spool). Put it on persistent storage.",
     )
-    audit_retry_s: float = Field(
+    audit_retry_s: float = GatewayField(
         default=1.0, gt=0, description="How often a writer that is spooling tries the database again."
     )
-    audit_db_timeout_s: float = Field(
+    audit_db_timeout_s: float = GatewayField(
         default=5.0,
         gt=0,
         description="Longest one audit database write (or connection attempt) may take before the "
         "records go to the spool instead.",
     )
-    api_key_cache_seconds: float = Field(
+    api_key_cache_seconds: float = GatewayField(
         default=5.0,
         ge=0,
         description="How often a gateway replica reloads its table of API keys in the background (it answers from "
         "the last one it loaded, so a database outage locks nobody out); a revoked key stops within this window "
         "once the database answers. 0: read the database on every request.",
     )
-    max_body_bytes: int = Field(
+    max_body_bytes: int = GatewayField(
         default=64 * 1024 * 1024, ge=1024, description="Largest request body the gateway accepts (413 above)."
     )
-    request_timeout_s: float = Field(
+    request_timeout_s: float = GatewayField(
         default=120.0, gt=0, description="Longest the gateway waits for an engine before answering 504."
     )
     # --- hospital identity (OIDC) ------------------------------------------------
-    oidc_issuer: str | None = Field(
+    oidc_issuer: str | None = GatewayField(
         default=None,
         description="Issuer (iss) of the hospital identity provider's JWTs. Unset: only API keys are accepted.",
     )
-    oidc_audience: str | None = Field(
+    oidc_audience: str | None = GatewayField(
         default=None, description="Audience (aud) a JWT must carry to be accepted, e.g. medserve."
     )
-    oidc_jwks_file: str | None = Field(
+    oidc_jwks_file: str | None = GatewayField(
         default=None, description="Path of a JWKS file with the provider's signing keys (works offline)."
     )
-    oidc_jwks_url: str | None = Field(
+    oidc_jwks_url: str | None = GatewayField(
         default=None, description="URL of the provider's JWKS, fetched by the gateway and cached (used when no file)."
     )
-    oidc_jwks_cache_seconds: float = Field(
+    oidc_jwks_cache_seconds: float = GatewayField(
         default=300.0, ge=0, description="How long a gateway replica keeps a fetched JWKS before fetching it again."
     )
-    oidc_algorithms: list[str] = Field(
+    oidc_algorithms: list[str] = GatewayField(
         default_factory=lambda: ["RS256"], description="JWT signature algorithms accepted (never 'none')."
     )
-    oidc_roles_claim: str = Field(
+    oidc_roles_claim: str = GatewayField(
         default="roles",
         description="Claim holding the caller's medserve role(s); dots reach into objects (realm_access.roles). "
         "The first value that names a medserve role wins.",
     )
-    oidc_department_claim: str = Field(
+    oidc_department_claim: str = GatewayField(
         default="department", description="Claim holding the caller's department (absent: not department-bound)."
     )
-    oidc_leeway_s: float = Field(default=30.0, ge=0, description="Clock skew tolerated on exp/nbf/iat, in seconds.")
+    oidc_leeway_s: float = GatewayField(
+        default=30.0, ge=0, description="Clock skew tolerated on exp/nbf/iat, in seconds."
+    )
 
     # --- quotas and fairness ------------------------------------------------------
     gateway_replicas: int = Field(
@@ -150,34 +162,34 @@ class Settings(BaseSettings):
         "each replica enforces its share of every rate limit.",
     )
     # On by default (OWASP API4): one misbehaving app must not take every model's capacity.
-    rate_limit_key_rps: float | None = Field(
+    rate_limit_key_rps: float | None = GatewayField(
         default=DEFAULT_KEY_RPS,
         ge=0,
         description="Requests per second one API key or identity may make, unless the key has its own limit "
         "(`medserve keys create/set-rate-limit --rate-limit-rps`; 0 there lifts it). 0: no default limit.",
     )
-    rate_limit_department_rps: float | None = Field(
+    rate_limit_department_rps: float | None = GatewayField(
         default=None, gt=0, description="Requests per second one department's callers may make together (unset: no limit)."
     )
-    rate_limit_departments: dict[str, float] = Field(
+    rate_limit_departments: dict[str, float] = GatewayField(
         default_factory=dict,
         description="Per-department request rates that replace rate_limit_department_rps for those departments, "
         'as JSON, e.g. {"radiology": 200, "research": 5}.',
     )
-    rate_limit_burst_seconds: float = Field(
+    rate_limit_burst_seconds: float = GatewayField(
         default=DEFAULT_BURST_SECONDS, gt=0,
         description="Burst allowance: a bucket holds this many seconds' worth of requests.",
     )
-    token_budget_key_per_day: int | None = Field(
+    token_budget_key_per_day: int | None = GatewayField(
         default=None, gt=0, description="LLM tokens (prompt + completion) one key may use per UTC day (unset: no limit)."
     )
-    token_budget_department_per_day: int | None = Field(
+    token_budget_department_per_day: int | None = GatewayField(
         default=None, gt=0, description="LLM tokens one department may use per UTC day (unset: no limit)."
     )
-    token_budget_cache_seconds: float = Field(
+    token_budget_cache_seconds: float = GatewayField(
         default=10.0, ge=0, description="How long a gateway replica trusts its sum of today's tokens from the audit table."
     )
-    department_priority: dict[str, Literal["emergency", "standard", "research"]] = Field(
+    department_priority: dict[str, Literal["emergency", "standard", "research"]] = GatewayField(
         default_factory=dict,
         description='Priority class per department as JSON, e.g. {"icu": "emergency", "oncology-research": '
         '"research"}; others are standard. When a model is saturated, emergency goes first, research last.',
@@ -209,13 +221,13 @@ class Settings(BaseSettings):
         return self
 
     # --- model versions and rollouts ----------------------------------------------
-    require_approved_versions: bool = Field(
+    require_approved_versions: bool = GatewayField(
         default=True,
         description="Only versions whose status is approved take clinical traffic (primary or canary); "
         "a shadow candidate, whose answers are never returned, needs validated. "
         "Set false in test and development environments only.",
     )
-    rollout_cache_seconds: float = Field(
+    rollout_cache_seconds: float = GatewayField(
         default=1.0,
         ge=0,
         description="How often a gateway replica reloads aliases and rollouts from the registry in the background; "
@@ -247,6 +259,14 @@ class Settings(BaseSettings):
     @property
     def resolved_audit_spool_dir(self) -> Path:
         return (self.audit_spool_dir or self.resolved_home / "audit-spool").expanduser().resolve()
+
+
+# Settings the control plane passes to the gateway, in the order Settings declares them.
+GATEWAY_SETTING_NAMES: tuple[str, ...] = tuple(
+    name
+    for name, field in Settings.model_fields.items()
+    if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(GATEWAY_MARKER)
+)
 
 
 def _read_or_create_secret(path: Path) -> str:

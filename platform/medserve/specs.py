@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from medserve.engines.registry import BUILTIN_ENGINES, ENGINE_NAMES, ENGINES_BY_TASK
 from medserve.errors import SpecError
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -31,16 +32,9 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
 Task = Literal["llm", "imaging"]
-EngineName = Literal["llama_cpp", "vllm", "onnx", "hu_roi", "noop"]
-
-# Which engines can serve which task; checked so that a spec cannot pair an
-# LLM task with an image classifier runtime by mistake.
-ENGINES_BY_TASK: dict[str, set[str]] = {"llm": {"llama_cpp", "vllm"}, "imaging": {"onnx", "hu_roi", "noop"}}
-
-# Engines that are deterministic analyzers shipped with medserve: they have no
-# weights file; their artifact is builtin://<engine> and its sha256 pins the
-# analyzer's parameter document (see medserve.engines.hu_roi).
-BUILTIN_ENGINES = {"hu_roi", "noop"}
+# The engine names, which task each serves and which are built in come from
+# the one engine table (medserve.engines.registry).
+EngineName = Literal[ENGINE_NAMES]  # type: ignore[valid-type]
 
 
 class StrictModel(BaseModel):

@@ -14,10 +14,10 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from medserve.catalog import CatalogEntry
 from medserve.controlplane.render import catalog_entry
 from medserve.db.engine import session_scope
 from medserve.gateway.app import create_app
-from medserve.gateway.catalog import CatalogEntry
 from medserve.gateway.state import GatewayState, set_gateway
 from medserve.security.api_keys import create_api_key
 from medserve.specs import deployments_of, load_catalog

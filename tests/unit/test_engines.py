@@ -149,3 +149,22 @@ def test_tampered_artifact_pin_refuses_to_load(catalog):
     tampered = spec.model_copy(update={"model": spec.model.model_copy(update={"artifact": artifact})})
     with pytest.raises(ArtifactIntegrityError):
         ModelServer(tampered.model_dump(mode="json"))
+
+
+def test_engine_table_names_every_engine_class():
+    """Each row of the one engine table names a class of its task (or none: Ray Serve LLM runs it)."""
+    import typing
+
+    from medserve.engines.base import Engine
+    from medserve.engines.loader import engine_available, engine_class
+    from medserve.engines.registry import ENGINES, MODEL_SERVER_APP, SERVE_LLM_APP
+    from medserve.specs import EngineName
+
+    assert typing.get_args(EngineName) == tuple(ENGINES)
+    for info in ENGINES.values():
+        if info.engine_class is None:
+            assert info.serve_llm and info.app_import_path == SERVE_LLM_APP
+            continue
+        assert info.app_import_path == MODEL_SERVER_APP
+        if engine_available(info.name)[0]:
+            assert issubclass(engine_class(info.engine_class), Engine), info.name

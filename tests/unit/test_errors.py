@@ -60,3 +60,39 @@ def test_handlers_map_to_status_and_never_echo_unexpected_text():
     boom = client.get("/boom")
     assert boom.status_code == 500
     assert "John" not in boom.text and boom.json()["error"]["code"] == "internal_error"
+
+
+def test_framework_errors_and_validation_use_the_typed_payloads():
+    """404, 405 and a body that fails validation answer with the same codes and words as before."""
+    from pydantic import BaseModel
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    class Body(BaseModel):
+        n: int
+
+    @app.post("/items")
+    def items(body: Body):
+        return {"n": body.n}
+
+    client = TestClient(app, raise_server_exceptions=False)
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"code": "not_found", "message": "Not available."}}
+    wrong = client.get("/items")
+    assert wrong.status_code == 405
+    assert wrong.json() == {"error": {"code": "method_not_allowed", "message": "Not available."}}
+    invalid = client.post("/items", json={"n": "many"})
+    assert invalid.status_code == 400
+    assert invalid.json() == {
+        "error": {"code": "invalid_request", "message": "The request is invalid.", "details": {"fields": ["body.n"]}}
+    }
+
+
+def test_engine_failure_payload_is_the_inference_error():
+    from medserve.errors import InferenceError
+
+    assert InferenceError().to_payload() == {
+        "error": {"code": "inference_failed", "message": "The model failed to produce a result."}
+    }

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from medserve.controlplane.render import GATEWAY_SETTING_NAMES, RenderOptions, render_serve_config
-from medserve.settings import Settings
+from medserve.controlplane.render import RenderOptions, render_serve_config
+from medserve.settings import GATEWAY_SETTING_NAMES, Settings
 from medserve.specs import load_catalog
 from tests.unit.helm_support import CHART, REPO_ROOT, by_kind, one, render
 

@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from medserve.controlplane.render import VLLM_IMPORT_PATH, render_serve_config
+from medserve.controlplane.render import render_serve_config
 from medserve.engines.loader import engine_available
 from medserve.engines.reasoning import ReasoningSplitter, Split, split_reasoning
+from medserve.engines.registry import SERVE_LLM_APP
 from medserve.errors import SpecError
 from medserve.gateway.sse import DONE, sse_event
 from medserve.protocols.openai import ChatCompletionRequest, ChunkWriter, CompletionRequest
@@ -123,7 +124,7 @@ def vllm_apps(repo_root):
     config = render_serve_config(load_catalog(repo_root / "deployments"))
     # Keyed by deployment name (application names also carry the version).
     return {
-        app["args"]["spec"]["name"]: app for app in config["applications"] if app["import_path"] == VLLM_IMPORT_PATH
+        app["args"]["spec"]["name"]: app for app in config["applications"] if app["import_path"] == SERVE_LLM_APP
     }
 
 

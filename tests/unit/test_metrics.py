@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from medserve import metrics
 from medserve.gateway.audit_scope import AuditRecorder
-from medserve.gateway.catalog import CatalogEntry
+from medserve.catalog import CatalogEntry
 from medserve.errors import AuditUnavailableError, ModelNotFoundError, PermissionDeniedError
 from medserve.security.api_keys import Principal
 from medserve.security.roles import Role

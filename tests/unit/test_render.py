@@ -104,3 +104,19 @@ def test_a_look_back_window_shorter_than_the_report_interval_is_refused():
 
     with pytest.raises(SpecError, match="look_back_period_s"):
         noop_spec("scaler", "replicas", autoscaling={"max_replicas": 2, "metrics_interval_s": 5, "look_back_period_s": 5})
+
+
+def test_gateway_settings_are_the_marked_non_secret_fields():
+    """The gateway's settings are read off the Settings model, never a hand-kept list."""
+    from pydantic import SecretStr
+
+    from medserve.settings import GATEWAY_SETTING_NAMES, Settings
+
+    assert "max_body_bytes" in GATEWAY_SETTING_NAMES and "oidc_issuer" in GATEWAY_SETTING_NAMES
+    # Set by the control plane from its own replica count; secrets never travel in a config.
+    assert "gateway_replicas" not in GATEWAY_SETTING_NAMES
+    for name in GATEWAY_SETTING_NAMES:
+        assert SecretStr not in getattr(Settings.model_fields[name].annotation, "__args__", ()), name
+        assert Settings.model_fields[name].annotation is not SecretStr, name
+    options = RenderOptions.from_settings(Settings())
+    assert list(options.gateway_settings) == list(GATEWAY_SETTING_NAMES)

@@ -199,6 +199,9 @@ class FakeTarget:
     def delete_all(self) -> None:
         pass
 
+    def wait_until_running(self, names: list[str], timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+        return {}
+
 
 def _controller(database_url, tumour, target) -> RolloutController:
     return RolloutController(database_url, [tumour], target, RenderOptions(), require_approved=False, cache_seconds=0)

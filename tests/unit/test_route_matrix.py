@@ -124,3 +124,18 @@ def test_department_bound_keys_reach_only_their_departments_models(tmp_path, dat
         listed = {m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]}
     assert response.status_code == status
     assert (model in listed) == (status == 200)
+
+
+def test_routes_never_check_role_permissions_themselves(repo_root):
+    """One permission source: ROUTE_PERMISSIONS, checked by GatewayState.principal for every route.
+    Routes make only object-level checks (require_department), never require(principal, Permission.X)."""
+    import ast
+
+    offenders = []
+    for path in sorted((repo_root / "platform" / "medserve" / "gateway" / "routes").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "require":
+                offenders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and any(alias.name == "Permission" for alias in node.names):
+                offenders.append(f"{path.name}:{node.lineno} imports Permission")
+    assert offenders == []

@@ -40,6 +40,9 @@ class ExtraAppsTarget:
     def apply(self, config: dict[str, Any]) -> None:
         self._target.apply({**config, "applications": [*config["applications"], *self._extra_apps]})
 
+    def wait_until_running(self, names: list[str], timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+        return self._target.wait_until_running(names, timeout_s=timeout_s)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
 

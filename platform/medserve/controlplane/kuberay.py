@@ -117,6 +117,11 @@ class KubeRayTarget:
         spec = self.rayservice_object().get("spec") or {}
         return node_resources_from_rayservice(spec)
 
+    def wait_until_running(self, names: list[str], timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+        """Does not wait: KubeRay rolls the new config out on its own (zero-downtime,
+        possibly onto a new cluster), and the reconciler moves on."""
+        return {}
+
 
 # --- resources a group's pods advertise to Ray --------------------------------
 

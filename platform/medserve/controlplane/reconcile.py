@@ -209,15 +209,12 @@ def apply_catalog(
     # failed (model_unavailable) in each report rather than hiding the pipeline.
     config = render_serve_config([*deployable, *pipelines], options, versions)
     target.apply(config)
-    statuses: dict[str, dict[str, Any]] = {}
-    wait = getattr(target, "wait_until_running", None)
     apps = [
         version_app_name(spec.name, v.model.version)
         for spec in deployable if spec.placement == "replicas"
         for v in versions[spec.name]
     ]
-    if wait is not None:
-        statuses = wait([GATEWAY_APP] + apps, timeout_s=wait_timeout_s)
+    statuses = target.wait_until_running([GATEWAY_APP] + apps, timeout_s=wait_timeout_s)
     return ApplyResult(
         plan=final,
         config=config,

@@ -13,51 +13,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from medserve.gateway.catalog import CatalogEntry
+from medserve.catalog import CatalogEntry
+from medserve.engines.registry import ENGINES
 from medserve.registry.routing import version_app_name
-from medserve.settings import Settings
+from medserve.settings import GATEWAY_SETTING_NAMES, Settings
 from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
 
 GATEWAY_APP = "gateway"
 GATEWAY_DEPLOYMENT = "Gateway"
 ENGINE_DEPLOYMENT = "ModelServer"
+# A string, not an import: the control plane names the gateway's application, never loads it.
 GATEWAY_IMPORT_PATH = "medserve.gateway.app:build_app"
-ENGINE_IMPORT_PATH = "medserve.engines.serve_app:build_app"
-VLLM_IMPORT_PATH = "medserve.engines.vllm_app:build_app"
 # The vllm application's ingress only relays tokens; the GPUs belong to Ray Serve LLM's deployment.
 VLLM_ADAPTER_NUM_CPUS = 0.25
-
-# Gateway settings that travel in the config (non-secret, per-deployment policy).
-GATEWAY_SETTING_NAMES = (
-    "audit_durability",
-    "audit_batch_max",
-    "audit_queue_max",
-    "audit_checkpoint_every",
-    "audit_retry_s",
-    "audit_db_timeout_s",
-    "api_key_cache_seconds",
-    "max_body_bytes",
-    "request_timeout_s",
-    "oidc_issuer",
-    "oidc_audience",
-    "oidc_jwks_file",
-    "oidc_jwks_url",
-    "oidc_jwks_cache_seconds",
-    "oidc_algorithms",
-    "oidc_roles_claim",
-    "oidc_department_claim",
-    "oidc_leeway_s",
-    "rate_limit_key_rps",
-    "rate_limit_department_rps",
-    "rate_limit_departments",
-    "rate_limit_burst_seconds",
-    "token_budget_key_per_day",
-    "token_budget_department_per_day",
-    "token_budget_cache_seconds",
-    "department_priority",
-    "require_approved_versions",
-    "rollout_cache_seconds",
-)
 
 
 class RenderOptions(BaseModel):
@@ -175,13 +143,14 @@ def replica_config(spec: DeploymentSpec) -> dict[str, Any]:
 
 
 def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, Any]:
-    if spec.model.engine == "vllm":
+    engine = ENGINES[spec.model.engine]
+    if engine.serve_llm:
         return render_vllm_app(spec, options)
     return {
         "name": app_name_for(spec),
         # No route_prefix: the model is reachable only by handle, through the gateway.
         "route_prefix": None,
-        "import_path": ENGINE_IMPORT_PATH,
+        "import_path": engine.app_import_path,
         "args": {"spec": spec.model_dump(mode="json"), "allow_unpinned": options.allow_unpinned_artifacts},
         "deployments": [replica_config(spec)],
     }
@@ -196,7 +165,7 @@ def render_vllm_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, A
     return {
         "name": app_name_for(spec),
         "route_prefix": None,
-        "import_path": VLLM_IMPORT_PATH,
+        "import_path": ENGINES[spec.model.engine].app_import_path,
         "args": {
             "spec": spec.model_dump(mode="json"),
             "allow_unpinned": options.allow_unpinned_artifacts,

@@ -34,6 +34,11 @@ class ServeTarget(Protocol):
     def node_resources(self) -> list[dict[str, float]]:
         """Total resources of each alive node, to decide which specs can run."""
 
+    def wait_until_running(self, names: list[str], timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+        """After apply: wait until the named applications run and return their statuses
+        (ClusterError if one fails), or return {} at once where the target rolls out
+        on its own and nothing here should wait."""
+
 
 class RayClusterTarget:
     """A Ray cluster reached through its dashboard's Serve REST API."""
@@ -54,7 +59,8 @@ class RayClusterTarget:
             except httpx.HTTPError as error:
                 if attempt == attempts:
                     raise ClusterError(
-                        f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}"
+                        f"cannot reach the Ray dashboard at {self.dashboard_url}: {type(error).__name__}",
+                        retryable=True,
                     ) from None
             else:
                 if response.status_code < 500 or attempt == attempts:
@@ -65,7 +71,8 @@ class RayClusterTarget:
             # show it, or a refused deploy cannot be diagnosed.
             raise ClusterError(
                 f"the Ray dashboard refused {method} {path} with HTTP {response.status_code}: "
-                f"{response.text[-1500:]}"
+                f"{response.text[-1500:]}",
+                retryable=response.status_code >= 500,
             )
         return response
 
@@ -79,8 +86,7 @@ class RayClusterTarget:
                 self._request("PUT", "/api/serve/applications/", json=config)
                 return
             except ClusterError as error:
-                retryable = "cannot reach" in error.message or "HTTP 5" in error.message
-                if not retryable or time.monotonic() > deadline:
+                if not error.retryable or time.monotonic() > deadline:
                     raise
             time.sleep(2.0)
 

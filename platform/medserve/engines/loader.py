@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 from medserve.engines.artifacts import verify_artifact
 from medserve.engines.base import Engine
 from medserve.engines.builtin import verify_parameters
+from medserve.engines.registry import ENGINES
 from medserve.errors import MissingExtraError
-from medserve.specs import BUILTIN_ENGINES, DeploymentSpec
+from medserve.specs import DeploymentSpec
 
 
 def engine_available(engine: str) -> tuple[bool, str | None]:
     """Whether this Python environment can run an engine, and why not."""
-    needs = {"llama_cpp": ("llama_cpp", "llama-cpp-python"), "onnx": ("onnxruntime", "onnxruntime"),
-             "vllm": ("vllm", "the optional extra medserve[gpu] (ray[llm]: vLLM through Ray Serve LLM)"),
-             "hu_roi": ("numpy", "numpy"), "noop": ("medserve", "medserve")}
-    module, install = needs[engine]
-    if importlib.util.find_spec(module) is None:
-        return False, f"the {engine} engine needs {install}, which is not installed"
+    info = ENGINES[engine]
+    if importlib.util.find_spec(info.requires) is None:
+        return False, f"the {engine} engine needs {info.install}, which is not installed"
     return True, None
+
+
+def engine_class(path: str) -> type[Engine]:
+    """The class a ``module:Class`` path names, its module imported only now."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_engine(spec: DeploymentSpec, *, allow_unpinned: bool = False) -> tuple[Engine, str]:
@@ -27,24 +32,14 @@ def load_engine(spec: DeploymentSpec, *, allow_unpinned: bool = False) -> tuple[
     available, reason = engine_available(spec.model.engine)
     if not available:
         raise MissingExtraError(reason, engine=spec.model.engine)
-    if spec.model.engine in BUILTIN_ENGINES:
+    info = ENGINES[spec.model.engine]
+    if info.builtin:
         # No weights: the pinned digest covers the engine's parameter document.
         sha256 = verify_parameters(spec, allow_unpinned=allow_unpinned)
-        if spec.model.engine == "noop":
-            from medserve.engines.noop import NoopEngine
-
-            return NoopEngine(spec), sha256
-        from medserve.engines.hu_roi import HuRoiAnalyzer
-
-        return HuRoiAnalyzer(spec), sha256
+        return engine_class(info.engine_class)(spec), sha256
     path, sha256 = verify_artifact(spec.model.artifact.uri, spec.model.artifact.sha256, allow_unpinned=allow_unpinned)
-    if spec.model.engine == "llama_cpp":
-        from medserve.engines.llama_cpp import LlamaCppEngine
-
-        return LlamaCppEngine(spec, path), sha256
-    if spec.model.engine == "onnx":
-        from medserve.engines.onnx import OnnxClassifierEngine
-
-        return OnnxClassifierEngine(spec, path), sha256
-    # vLLM is not a medserve engine class: Ray Serve LLM runs it, see engines/vllm_app.py.
-    raise MissingExtraError("vllm specs are served by medserve.engines.vllm_app, not ModelServer", engine="vllm")
+    if info.engine_class is None:
+        # vLLM is not a medserve engine class: Ray Serve LLM runs it, see engines/vllm_app.py.
+        app_module = info.app_import_path.partition(":")[0]
+        raise MissingExtraError(f"{info.name} specs are served by {app_module}, not ModelServer", engine=info.name)
+    return engine_class(info.engine_class)(spec, path), sha256

@@ -11,13 +11,13 @@ a clinical finding.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medserve.digests import sha256_hex
 from medserve.engines.base import Engine
 from medserve.specs import DeploymentSpec
 
@@ -48,7 +48,7 @@ class NoopEngine(Engine):
             "findings": findings,
             "top_label": self.parameters.label,
             "input": {"format": "unread", "modality": None, "body_part": None},
-            "output_sha256": hashlib.sha256(json.dumps(findings, sort_keys=True).encode()).hexdigest(),
+            "output_sha256": sha256_hex(json.dumps(findings, sort_keys=True)),
         }
 
     async def classify(self) -> dict[str, Any]:

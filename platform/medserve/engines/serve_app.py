@@ -9,7 +9,6 @@ depending on how Ray wraps exceptions raised in another process.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import threading
@@ -21,12 +20,14 @@ import numpy as np
 from ray import serve
 
 from medserve import metrics
+from medserve.digests import sha256_hex
 from medserve.engines.base import BATCHABLE_METHODS, GenerationParams, ImagingEngine, LLMEngine, Piece, VolumeEngine
 from medserve.engines.loader import load_engine
 from medserve.engines.noop import NoopEngine
 from medserve.engines.reasoning import ReasoningSplitter, Split
 from medserve.errors import (
     ContextLengthExceededError,
+    InferenceError,
     InputConstraintError,
     MedserveError,
     OperationNotSupportedError,
@@ -45,10 +46,6 @@ DICOM_TYPES = {"application/dicom"}
 PNG_TYPES = {"image/png"}
 
 
-def _digest(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
 def _envelope_errors(method):  # type: ignore[no-untyped-def]
     async def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         try:
@@ -57,7 +54,7 @@ def _envelope_errors(method):  # type: ignore[no-untyped-def]
             return error.to_payload()
         except Exception:  # noqa: BLE001 - an engine bug must not leak request content
             logger.exception("engine %s failed", self.spec.name)
-            return {"error": {"code": "inference_failed", "message": "The model failed to produce a result."}}
+            return InferenceError().to_payload()
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -74,7 +71,7 @@ def _envelope_stream_errors(method):  # type: ignore[no-untyped-def]
             yield error.to_payload()
         except Exception:  # noqa: BLE001 - an engine bug must not leak request content
             logger.exception("engine %s failed", self.spec.name)
-            yield {"error": {"code": "inference_failed", "message": "The model failed to produce a result."}}
+            yield InferenceError().to_payload()
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -246,7 +243,7 @@ class ModelServer:
             return {
                 "findings": findings,
                 "input": {"format": "dicom", "modality": volume.modality, "body_part": volume.body_part},
-                "output_sha256": _digest(json.dumps(findings, sort_keys=True)),
+                "output_sha256": sha256_hex(json.dumps(findings, sort_keys=True)),
             }
         engine = self._imaging()
         if content_type in DICOM_TYPES:
@@ -268,7 +265,7 @@ class ModelServer:
             "top_label": findings[0]["label"],
             "input": {"format": image.source_format, "modality": image.modality, "body_part": image.body_part},
         }
-        result["output_sha256"] = _digest(repr(findings))
+        result["output_sha256"] = sha256_hex(repr(findings))
         return result
 
     @_envelope_errors
@@ -307,7 +304,7 @@ class ModelServer:
             ]
         else:
             raise OperationNotSupportedError("this model does not analyse images", model=self.spec.model.name)
-        return {"findings": findings, "output_sha256": _digest(json.dumps(findings, sort_keys=True))}
+        return {"findings": findings, "output_sha256": sha256_hex(json.dumps(findings, sort_keys=True))}
 
     @_envelope_errors
     async def analyze_series(self, volume: Volume, roi: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -321,7 +318,7 @@ class ModelServer:
         inputs = {tensor.name: tensor.to_numpy() for tensor in parsed.inputs}
         outputs = await asyncio.to_thread(engine.infer_tensors, inputs)
         tensors = [tensor_from_numpy(name, np.asarray(value)) for name, value in outputs.items()]
-        return {"outputs": tensors, "output_sha256": _digest(repr(tensors))}
+        return {"outputs": tensors, "output_sha256": sha256_hex(repr(tensors))}
 
     async def call_many(self, method: str, calls: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """Several gateway requests for one method in one handle round trip (gateway/batching.py).

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 import logging
 import os
 import threading
@@ -24,9 +23,9 @@ from typing import Any
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
+from medserve.catalog import CatalogEntry
 from medserve.db.models import utcnow
 from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
-from medserve.gateway.catalog import CatalogEntry
 from medserve.gateway.errors import known_error
 from medserve.security.api_keys import Principal
 from medserve.security.pseudonyms import pseudonymize_headers
@@ -69,10 +68,6 @@ _record_ids = _RecordIds()
 def new_record_id() -> uuid.UUID:
     """A new audit record id (and inference id): a random version 4 UUID."""
     return _record_ids.next()
-
-
-def sha256_hex(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 @dataclass

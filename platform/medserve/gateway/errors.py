@@ -17,10 +17,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.exc import SQLAlchemyError
 
 from medserve import metrics
-from medserve.errors import DatabaseUnavailableError, MedserveError
+from medserve.errors import (
+    BadRequestError,
+    DatabaseUnavailableError,
+    FrameworkHTTPError,
+    MedserveError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RequestValidationFailed,
+)
 from medserve.gateway.responses import JSONAnswer
 
 logger = logging.getLogger("medserve.gateway")
+
+# What the framework's own HTTP errors (unknown route, wrong method) say.
+ROUTE_UNAVAILABLE = "Not available."
 
 # Headers some errors add, so clients know when to come back.
 RETRY_AFTER_SECONDS = {503: "1"}
@@ -47,13 +58,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         # Field locations only: pydantic's messages can quote the input.
         fields = [".".join(str(p) for p in item.get("loc", ())) for item in error.errors()]
-        payload = {"error": {"code": "invalid_request", "message": "The request is invalid.", "details": {"fields": fields}}}
-        return JSONAnswer(payload, status_code=400)
+        return error_response(RequestValidationFailed(BadRequestError.default_message, fields=fields))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONAnswer({"error": {"code": code, "message": "Not available."}}, status_code=error.status_code)
+        # The framework's own 404s and 405s say no more than "Not available." (no route names).
+        typed = {404: NotFoundError, 405: MethodNotAllowedError}.get(error.status_code, FrameworkHTTPError)
+        return JSONAnswer(typed(ROUTE_UNAVAILABLE).to_payload(), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
@@ -81,4 +92,4 @@ def response_for(error: Exception) -> JSONResponse:
         return error_response(known)
     metrics.record_unhandled_error()
     logger.error("unhandled %s in gateway", type(error).__name__)
-    return JSONAnswer({"error": {"code": "internal_error", "message": MedserveError.default_message}}, status_code=500)
+    return JSONAnswer(MedserveError().to_payload(), status_code=MedserveError.http_status)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from medserve.catalog import Catalog, CatalogEntry
 from medserve.db.engine import session_scope
-from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.known_state import KnownState
 from medserve.registry.lifecycle import route_states
 from medserve.registry.routing import RouteState, VersionRef

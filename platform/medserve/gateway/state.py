@@ -20,6 +20,8 @@ from ray.serve.exceptions import BackPressureError
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
+from medserve.catalog import Catalog, CatalogEntry
+from medserve.digests import sha256_hex
 from medserve.engines.base import BATCHABLE_METHODS
 from medserve.errors import (
     MedserveError,
@@ -33,17 +35,16 @@ from medserve.errors import (
     VersionNotApprovedError,
     error_from_payload,
 )
-from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope, sha256_hex
+from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.batching import HandleBatcher
-from medserve.gateway.catalog import Catalog, CatalogEntry
 from medserve.gateway.known_state import StateRefresher
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
 from medserve.gateway.routing import RouteTable, entry_for
 from medserve.registry.routing import choose
 from medserve.security.api_keys import Principal
 from medserve.security.oidc import OIDCVerifier
-from medserve.security.roles import Permission, UndeclaredRouteError, route_permission
+from medserve.security.roles import UndeclaredRouteError, route_permission
 from medserve.settings import Settings
 
 logger = logging.getLogger("medserve.gateway")
@@ -224,8 +225,8 @@ class GatewayState:
         return principal
 
     def authorize_model(self, principal: Principal, model_name: str, task: str | None = None) -> CatalogEntry:
-        """Function-level (may this role infer?) then object-level (this model, this department) checks."""
-        require(principal, Permission.INFER)
+        """Object-level checks (this model, this department, this task) for a caller that
+        ``principal`` admitted; whether the role may infer at all is the route's table entry."""
         entry = self.catalog.get(model_name)
         require_department(principal, entry.departments, entry.model_name)
         if task is not None and entry.task != task:

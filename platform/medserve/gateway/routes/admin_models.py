@@ -1,6 +1,7 @@
 """Admin API for the model registry: versions, status gates, aliases, rollouts, comparisons.
 
-Every route needs Permission.ADMINISTER. Registry changes take effect in the
+Every route needs Permission.ADMINISTER (declared in ROUTE_PERMISSIONS, checked
+by ``GatewayState.principal`` like every route's permission). Registry changes take effect in the
 gateways within ``rollout_cache_seconds``. The gateway cannot deploy: a
 canary or shadow started here sends the candidate traffic only once its
 application runs (``medserve apply`` deploys it; ``medserve rollout`` does
@@ -17,11 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.db.engine import session_scope
 from medserve.errors import NotFoundError, RolloutError
-from medserve.gateway.auth import require
 from medserve.gateway.state import GatewayState, get_gateway, parse_json_body
 from medserve.registry import admin, lifecycle
 from medserve.security.api_keys import Principal
-from medserve.security.roles import Permission
 from medserve.specs import DeploymentSpec
 
 router = APIRouter(prefix="/admin/models", tags=["admin"])
@@ -49,12 +48,6 @@ class AliasRequest(BaseModel):
     version: str = Field(description="Version the alias points to.")
 
 
-async def _admin(request: Request, gateway: GatewayState) -> Principal:
-    principal = await gateway.principal(request)
-    require(principal, Permission.ADMINISTER)
-    return principal
-
-
 def _alias_of(gateway: GatewayState, name: str) -> str:
     entry = gateway.catalog.get(name)
     if entry.alias is None:
@@ -68,20 +61,20 @@ def _by(principal: Principal) -> str:
 
 @router.get("")
 async def list_models(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    await _admin(request, gateway)
+    await gateway.principal(request)
     return {"models": await asyncio.to_thread(admin.list_models, gateway.database_url)}
 
 
 @router.get("/{name}/versions")
 async def list_versions(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    await _admin(request, gateway)
+    await gateway.principal(request)
     return {"versions": await asyncio.to_thread(admin.list_versions, gateway.database_url, name)}
 
 
 @router.post("/versions", status_code=201)
 async def register(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     """Register the version a deployment spec (JSON) names."""
-    principal = await _admin(request, gateway)
+    principal = await gateway.principal(request)
     spec = parse_json_body(DeploymentSpec, await gateway.read_body(request))
     return await asyncio.to_thread(admin.register_from_spec, gateway.database_url, spec, _by(principal))
 
@@ -93,7 +86,7 @@ async def change_status(
 ) -> dict[str, Any]:
     # action is checked after authentication (a typed path parameter would
     # answer an anonymous caller with a validation error instead of 401).
-    principal = await _admin(request, gateway)
+    principal = await gateway.principal(request)
     if action not in STATUS_ACTIONS:
         raise NotFoundError("unknown version action", allowed=sorted(STATUS_ACTIONS))
     return await asyncio.to_thread(
@@ -103,7 +96,7 @@ async def change_status(
 
 @router.put("/{name}/aliases/{alias}")
 async def set_alias(name: str, alias: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    principal = await _admin(request, gateway)
+    principal = await gateway.principal(request)
     body = parse_json_body(AliasRequest, await gateway.read_body(request))
     await asyncio.to_thread(admin.point_alias, gateway.database_url, name, alias, body.version, _by(principal))
     return {"model": name, "alias": alias, "version": body.version}
@@ -111,7 +104,7 @@ async def set_alias(name: str, alias: str, request: Request, gateway: GatewaySta
 
 @router.post("/{name}/rollout")
 async def start_rollout(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    principal = await _admin(request, gateway)
+    principal = await gateway.principal(request)
     body = parse_json_body(RolloutRequest, await gateway.read_body(request))
     alias = _alias_of(gateway, name)
 
@@ -127,7 +120,7 @@ async def start_rollout(name: str, request: Request, gateway: GatewayState = Dep
 
 @router.post("/{name}/promote")
 async def promote(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    principal = await _admin(request, gateway)
+    principal = await gateway.principal(request)
     body = parse_json_body(PromoteRequest, await gateway.read_body(request))
     alias = _alias_of(gateway, name)
     state = await gateway.routes.state(name)
@@ -151,7 +144,7 @@ async def promote(name: str, request: Request, gateway: GatewayState = Depends(g
 
 @router.post("/{name}/rollback")
 async def rollback(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    principal = await _admin(request, gateway)
+    principal = await gateway.principal(request)
     alias = _alias_of(gateway, name)
 
     def write() -> lifecycle.RollbackResult:
@@ -164,7 +157,7 @@ async def rollback(name: str, request: Request, gateway: GatewayState = Depends(
 
 @router.get("/{name}/history")
 async def history(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    await _admin(request, gateway)
+    await gateway.principal(request)
     return {"events": await asyncio.to_thread(admin.model_history, gateway.database_url, name)}
 
 
@@ -173,5 +166,5 @@ async def comparison(
     name: str, request: Request, gateway: GatewayState = Depends(get_gateway),
     since_minutes: float | None = Query(default=None, gt=0),
 ) -> dict[str, Any]:
-    await _admin(request, gateway)
+    await gateway.principal(request)
     return await asyncio.to_thread(admin.comparison_report, gateway.database_url, name, since_minutes)

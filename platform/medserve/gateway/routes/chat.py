@@ -18,9 +18,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from medserve.audit.writer import SPOOLED
+from medserve.catalog import CatalogEntry
+from medserve.digests import sha256_hex
 from medserve.errors import MedserveError
-from medserve.gateway.audit_scope import AuditScope, sha256_hex
-from medserve.gateway.catalog import CatalogEntry
+from medserve.gateway.audit_scope import AuditScope
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.sse import DONE, EventStreamResponse, sse_event
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers

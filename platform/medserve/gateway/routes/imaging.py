@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from medserve.digests import sha256_hex
 from medserve.errors import UnsupportedMediaTypeError
-from medserve.gateway.audit_scope import sha256_hex
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
 

@@ -5,7 +5,7 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from medserve.gateway.audit_scope import sha256_hex
+from medserve.digests import sha256_hex
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
 from medserve.protocols.oip import InferRequest

@@ -4,85 +4,37 @@ The request leaves one audit record for the pipeline (operation
 ``pipeline.run``, model = the pipeline, version = the pipeline's version) and
 one per step (``pipeline.step``, the step's model name, version and artifact
 digest). Each finding in the report carries its step's audit record id.
+
+The orchestration is medserve.imaging.pipeline's; this route admits the caller,
+reads the upload and runs each step in its own audit scope over a model handle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.db.models import utcnow
-from medserve.errors import (
-    InputConstraintError,
-    MedserveError,
-    ModelNotFoundError,
-    ModelUnavailableError,
-    PipelineNotFoundError,
-    RequestValidationFailed,
-)
-from medserve.gateway.audit_scope import sha256_hex
-from medserve.gateway.auth import require, require_department
-from medserve.gateway.catalog import CatalogEntry
+from medserve.digests import sha256_hex
+from medserve.errors import MedserveError, ModelNotFoundError, ModelUnavailableError, PipelineNotFoundError
+from medserve.gateway.auth import require_department
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, parse_json_body, provenance_headers
 from medserve.imaging.multipart import parse_series_upload
+from medserve.imaging.pipeline import PipelineOptions, check_options, check_series, pipeline_entry, run_steps
 from medserve.imaging.report import StepOutcome, build_report, to_fhir
 from medserve.imaging.series import RoiBox, Volume, assemble_series
 from medserve.security.api_keys import Principal
-from medserve.security.roles import Permission
-from medserve.specs import PipelineSpec, PipelineStepSpec
+from medserve.specs import PipelineStepSpec
 
 router = APIRouter(tags=["pipelines"])
 
 FHIR_JSON = "application/fhir+json"
-
-
-class PipelineOptions(BaseModel):
-    """The optional application/json part of a series upload."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rois: dict[str, RoiBox] = Field(
-        default_factory=dict,
-        description="Region of interest per step name; steps without one use their model's documented default.",
-    )
-
-
-def pipeline_entry(pipeline: PipelineSpec) -> CatalogEntry:
-    """How the pipeline's own audit record names it: its version, and the digest of its definition."""
-    definition = json.dumps(pipeline.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return CatalogEntry(
-        model_name=pipeline.name,
-        model_version=pipeline.version,
-        artifact_sha256=hashlib.sha256(definition.encode()).hexdigest(),
-        task="pipeline",
-        engine="pipeline",
-        app_name="gateway",
-        deployment_name="Gateway",
-        departments=list(pipeline.access.departments),
-        deployment=pipeline.name,
-    )
-
-
-def _check_series(pipeline: PipelineSpec, volume: Volume) -> None:
-    inputs = pipeline.inputs
-    if inputs.modalities and volume.modality not in inputs.modalities:
-        raise InputConstraintError(
-            "the series modality is not one this pipeline accepts",
-            pipeline=pipeline.name, accepted_modalities=inputs.modalities, modality=volume.modality,
-        )
-    if inputs.body_parts and volume.body_part not in inputs.body_parts:
-        raise InputConstraintError(
-            "the series body part is not one this pipeline accepts",
-            pipeline=pipeline.name, accepted_body_parts=inputs.body_parts, body_part=volume.body_part,
-        )
 
 
 async def _run_step(
@@ -134,7 +86,6 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
     """Run every step of a pipeline on one DICOM series; answer one draft report (JSON or FHIR)."""
     async with gateway.recorder.scope("pipeline.run", name, request.headers) as audit:
         principal = audit.principal = await gateway.principal(request)
-        require(principal, Permission.INFER)
         pipeline = gateway.pipelines.get(name)
         if pipeline is None:
             raise PipelineNotFoundError()
@@ -146,24 +97,15 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
             body, request.headers.get("content-type", ""), max_instances=pipeline.inputs.max_instances
         )
         options = parse_json_body(PipelineOptions, upload.options) if upload.options else PipelineOptions()
-        step_names = {step.name for step in pipeline.steps}
-        if not set(options.rois) <= step_names:
-            raise RequestValidationFailed("rois names a step this pipeline does not have", fields=["rois"],
-                                          steps=sorted(step_names))
+        check_options(pipeline, options)
         volume = await asyncio.to_thread(assemble_series, upload.instances)
-        _check_series(pipeline, volume)
-        for step_name, roi in options.rois.items():
-            roi.check_within(volume.shape, field=f"rois.{step_name}")
-        steps = await asyncio.gather(
-            *(
-                _run_step(gateway, principal, request.headers, step, volume, options.rois.get(step.name),
-                          audit.input_sha256)
-                for step in pipeline.steps
-            )
-        )
-        refused = [s for s in steps if s.error and s.error["code"] == InputConstraintError.code]
-        if len(refused) == len(steps):
-            raise InputConstraintError("no step of this pipeline accepts this series", pipeline=pipeline.name)
+        check_series(pipeline, volume, options)
+        input_sha256 = audit.input_sha256
+
+        def run_step(step: PipelineStepSpec, roi: RoiBox | None) -> Awaitable[StepOutcome]:
+            return _run_step(gateway, principal, request.headers, step, volume, roi, input_sha256)
+
+        steps = await run_steps(pipeline, options, run_step)
         report = build_report(pipeline, str(audit.id), volume.summary(), list(steps), utcnow())
         fhir = to_fhir(report, pipeline, list(steps))
         audit.output_sha256 = sha256_hex(json.dumps(report, sort_keys=True))
@@ -177,7 +119,6 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
 async def list_pipelines(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     """Pipelines this key may run, with their steps."""
     principal = await gateway.principal(request)
-    require(principal, Permission.LIST_MODELS)
     data = [
         {
             "id": pipeline.name,

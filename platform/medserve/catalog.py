@@ -1,7 +1,9 @@
 """What the gateway routes to: model name -> the Serve application serving it.
 
 Built by the control plane into the gateway's application args, so a gateway
-replica needs no database round trip to route a request.
+replica needs no database round trip to route a request. It lives beside
+neither room: the control plane writes it and the gateway reads it, and
+neither imports the other for it.
 """
 
 from __future__ import annotations
