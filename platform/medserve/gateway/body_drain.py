@@ -29,16 +29,16 @@ DRAIN_SECONDS = 30.0
 class BodyDrainGuard:
     """Wraps one request's ASGI receive and send; see the module docstring."""
 
-    __slots__ = ("_receive", "_send", "_body_done", "_body_started", "_expects_continue", "_drain_limit")
+    # Built for every POST on the hot path: only attribute stores here; the
+    # headers are read only when an early answer has to be finished.
+    __slots__ = ("_scope", "_receive", "_send", "_body_done", "_body_started", "_drain_limit")
 
     def __init__(self, scope: dict[str, Any], receive: Any, send: Any, max_body_bytes: int) -> None:
+        self._scope = scope
         self._receive = receive
         self._send = send
         self._body_done = False
         self._body_started = False
-        self._expects_continue = any(
-            name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"]
-        )
         self._drain_limit = DRAIN_FACTOR * max_body_bytes
 
     async def receive(self) -> dict[str, Any]:
@@ -62,11 +62,14 @@ class BodyDrainGuard:
         elif kind == "http.response.body" and not message.get("more_body", False):
             # The whole answer goes out now; the response ends after the drain.
             await self._send({**message, "more_body": True})
-            if self._body_started or not self._expects_continue:
+            if self._body_started or not self._expects_continue():
                 await self._drain()
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self._send(message)
+
+    def _expects_continue(self) -> bool:
+        return any(name == b"expect" and value.lower() == b"100-continue" for name, value in self._scope["headers"])
 
     async def _drain(self) -> None:
         drained = 0
