@@ -54,10 +54,18 @@ def catalog() -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def gateway_client(tmp_path: Path, database_url: str, **settings: Any) -> Iterator[tuple[TestClient, CannedGateway]]:
-    state = CannedGateway(
+def gateway_client(
+    tmp_path: Path,
+    database_url: str,
+    *,
+    state_class: type[CannedGateway] = CannedGateway,
+    pipelines: list[dict[str, Any]] | None = None,
+    **settings: Any,
+) -> Iterator[tuple[TestClient, CannedGateway]]:
+    state = state_class(
         catalog(),
         {"home": tmp_path, "database_url": database_url, "pseudonym_key": "test-pseudonym-key", **settings},
+        pipelines,
     )
     state.calls = []
     set_gateway(state)

@@ -6,16 +6,13 @@ import contextlib
 import json
 from typing import Any
 
-from fastapi.testclient import TestClient
 
 from medserve.catalog import CatalogEntry
 from medserve.errors import InputConstraintError
-from medserve.gateway.app import create_app
-from medserve.gateway.state import set_gateway
 from medserve.specs import load_catalog, pipelines_of
 from tests.series_data import BONE_ROI, ct_series, multipart
 
-from .fake_gateway import REPO_ROOT, CannedGateway, catalog, make_key
+from .fake_gateway import REPO_ROOT, CannedGateway, gateway_client, make_key
 
 CT_PIPELINE = "/v1/pipelines/ct-opportunistic-screen/studies"
 
@@ -37,19 +34,9 @@ class SeriesGateway(CannedGateway):
 @contextlib.contextmanager
 def _client(tmp_path, database_url, refuse=()):
     pipelines = [p.model_dump(mode="json") for p in pipelines_of(load_catalog(REPO_ROOT / "deployments"))]
-    state = SeriesGateway(
-        catalog(),
-        {"home": tmp_path, "database_url": database_url, "pseudonym_key": "test-pseudonym-key"},
-        pipelines,
-    )
-    state.calls, state.refuse = [], set(refuse)
-    set_gateway(state)
-    try:
-        with TestClient(create_app(), raise_server_exceptions=False) as client:
-            yield client, state
-    finally:
-        set_gateway(None)
-        state.close()
+    with gateway_client(tmp_path, database_url, state_class=SeriesGateway, pipelines=pipelines) as (client, state):
+        state.refuse = set(refuse)
+        yield client, state
 
 
 def _post(client, key, options=None, accept=None):

@@ -189,20 +189,19 @@ def test_a_fresh_install_limits_every_key_and_the_chart_ships_the_same_default()
 
 
 def test_a_keys_own_rate_is_stored_loaded_by_gateways_and_kept_across_rotation(database_url):
-    from medserve.db.engine import session_scope as scope
     from medserve.errors import BadRequestError
     from medserve.security.api_keys import create_api_key, load_key_table, rotate_api_key, set_key_rate_limit
 
-    with scope(database_url) as session:
+    with session_scope(database_url) as session:
         row, plaintext = create_api_key(session, name="pacs bridge", role="clinical-app", rate_limit_rps=200.0)
         key_id = row.key_id
-    with scope(database_url) as session:
+    with session_scope(database_url) as session:
         assert load_key_table(session).verify(plaintext).rate_limit_rps == 200.0
         set_key_rate_limit(session, key_id, 0)
-    with scope(database_url) as session:
+    with session_scope(database_url) as session:
         assert load_key_table(session).verify(plaintext).rate_limit_rps == 0
         _, rotated = rotate_api_key(session, key_id)
-    with scope(database_url) as session:
+    with session_scope(database_url) as session:
         assert load_key_table(session).verify(rotated).rate_limit_rps == 0
         with pytest.raises(BadRequestError):
             set_key_rate_limit(session, key_id, -1)
