@@ -83,7 +83,7 @@ def main() -> None:
     url = f"sqlite:///{home / 'medserve.db'}"
     upgrade(url)
     with session_scope(url) as session:
-        key = create_api_key(session, name="bench", role="clinical-app")[1]
+        key = create_api_key(session, name="bench", role="clinical-app", rate_limit_rps=0)[1]
     entry = catalog_entry(noop_spec("bench-noop", "gateway")).model_dump(mode="json")
     state = GatewayState([entry], {"home": str(home), "database_url": url, "audit_durability": args.durability})
     set_gateway(state)
