@@ -1,22 +1,35 @@
-"""Local means local: every socket the Ray session listens on is on loopback.
+"""Local means local: every socket the Ray session listens on is on loopback, but those Ray holds itself.
 
 The session fixture starts Ray the way `medserve up` does on one machine (start_local_ray) and applies
 the whole catalog, so the gateway's proxy, its direct-ingress ports, every model replica, the
-dashboard, its agents and the metrics export are all up when this test lists their sockets.
+dashboard, its agents and the metrics export are all up when these tests list their sockets. A second,
+small platform with MEDSERVE_GATEWAY_HOST=0.0.0.0 shows that the setting opens the gateway and nothing else.
+What listens where, and why Ray keeps one port per replica off loopback: docs/security.md.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import psutil
+import pytest
+from ray._common.network_utils import node_ip_address_from_perspective
 
 from medserve.controlplane.local_ray import NETWORK_LISTENERS, STATE_FILE, is_loopback
+from medserve.specs import load_catalog
 
-from .conftest import Platform
+from .conftest import Platform, running_platform
 
 # Ray Serve's direct-ingress HTTP ports (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT, defaults).
 DIRECT_INGRESS_PORTS = (30000, 31000)
+
+
+def _is_direct_ingress(port: int) -> bool:
+    return DIRECT_INGRESS_PORTS[0] <= port <= DIRECT_INGRESS_PORTS[1]
 
 
 def _session_processes(platform: Platform) -> list[psutil.Process]:
@@ -64,15 +77,44 @@ def test_every_listener_of_the_ray_session_is_on_loopback(platform: Platform):
     assert off_loopback == [], "\n".join(f"{ip}:{port} pid {pid} {name}" for ip, port, name, pid in off_loopback)
 
 
-def test_only_the_gateway_listens_on_the_gateway_host(platform: Platform):
-    """MEDSERVE_GATEWAY_HOST opens exactly what listens on it: the proxy and the gateway's replicas.
-    No model replica has a direct-ingress HTTP port (Ray Serve would put it on the gateway's host)."""
+def test_no_model_replica_has_an_http_port_of_its_own(platform: Platform):
+    """Ray Serve's direct ingress would give each model application's replica an HTTP port on the gateway's
+    host; the model applications turn it off, so only gateway replicas have one."""
     listeners = _listeners(_session_processes(platform))
-    direct_ingress = [(port, name) for _, port, name, _ in listeners if DIRECT_INGRESS_PORTS[0] <= port <= DIRECT_INGRESS_PORTS[1]]
+    direct_ingress = [(port, name) for _, port, name, _ in listeners if _is_direct_ingress(port)]
     assert direct_ingress, "the shared cluster runs with direct ingress (MEDSERVE_SERVE_THROUGHPUT_OPTIMIZED)"
     assert all("ServeReplica:gateway:" in name for _, name in direct_ingress), direct_ingress
-    on_gateway_host = {
-        name.split()[0] for ip, port, name, _ in listeners
-        if ip == platform.settings.gateway_host and (port == platform.settings.gateway_port or (port, name) in direct_ingress)
+
+
+@pytest.fixture(scope="module")
+def open_gateway(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Platform]:
+    """A platform of its own with MEDSERVE_GATEWAY_HOST=0.0.0.0 and one model (the liver analyzer)."""
+    specs = [spec for spec in load_catalog(repo_root / "deployments") if spec.name == "ct-liver-attenuation-hu"]
+    with running_platform(tmp_path_factory.mktemp("medserve-open"), repo_root, specs=specs,
+                          MEDSERVE_GATEWAY_HOST="0.0.0.0") as platform:
+        yield platform
+
+
+@pytest.mark.slow
+def test_the_gateway_host_setting_opens_the_gateway_and_nothing_else(open_gateway: Platform):
+    # A replica reports its direct-ingress port to Serve's controller once it listens there.
+    deadline = time.monotonic() + 60
+    while not open_gateway.target.ingress_targets().get("gateway") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    listeners = _listeners(_session_processes(open_gateway))
+    opened = {
+        (ip, port, name.split()[0]) for ip, port, name, pid in listeners
+        if not is_loopback(ip) and not any(allowed.matches(ip, port, name, pid) for allowed in NETWORK_LISTENERS)
     }
-    assert on_gateway_host == {"ray::ProxyActor", "ray::ServeReplica:gateway:Gateway"}, on_gateway_host
+    gateway_ports = {(ip, port) for ip, port, name in opened if name == "ray::ServeReplica:gateway:Gateway"}
+    assert opened == {("0.0.0.0", open_gateway.settings.gateway_port, "ray::ProxyActor")} | {
+        (ip, port, "ray::ServeReplica:gateway:Gateway") for ip, port in gateway_ports}, opened
+    assert len(gateway_ports) == 1 and all(_is_direct_ingress(port) for _, port in gateway_ports), opened
+    # Reached on the machine's network address, with the model behind it.
+    address = node_ip_address_from_perspective(None)
+    assert not is_loopback(address), address
+    with httpx.Client(base_url=f"http://{address}:{open_gateway.settings.gateway_port}", timeout=60,
+                      headers={"Authorization": f"Bearer {open_gateway.key()}"}) as client:
+        models = client.get("/v1/models")
+    assert models.status_code == 200
+    assert [model["id"] for model in models.json()["data"]] == ["ct-liver-attenuation-hu"]

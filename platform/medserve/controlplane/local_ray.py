@@ -68,7 +68,7 @@ NETWORK_LISTENERS: tuple[NetworkListener, ...] = (
     NetworkListener(
         name="Ray Serve inter-deployment gRPC",
         component="ray::ServeReplica:",
-        addresses=("::", "0.0.0.0"),
+        addresses=("::",),
         why="each Serve replica's handle-call server: ray/serve/_private/replica.py binds it to [::]:0 (every "
         "interface, a random port) with no setting to change it (ray-project/ray#64544); it takes Ray's token",
     ),
