@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import psutil
 import pytest
@@ -75,6 +76,28 @@ def test_every_listener_of_the_ray_session_is_on_loopback(platform: Platform):
         if not is_loopback(entry[0]) and not any(allowed.matches(*entry) for allowed in NETWORK_LISTENERS)
     ]
     assert off_loopback == [], "\n".join(f"{ip}:{port} pid {pid} {name}" for ip, port, name, pid in off_loopback)
+
+
+def test_what_ray_leaves_on_the_network_refuses_a_caller_without_rays_token(platform: Platform):
+    """The allow-listed servers answer on the machine's network address, but not without Ray's token."""
+    address = node_ip_address_from_perspective(None)
+    assert not is_loopback(address), address
+    listeners = _listeners(_session_processes(platform))
+    allowed = [port for ip, port, name, pid in listeners
+               if not is_loopback(ip) and any(entry.matches(ip, port, name, pid) for entry in NETWORK_LISTENERS)]
+    assert len(allowed) >= 5, "one inter-deployment gRPC server per replica: the gateway and four models"
+    for port in allowed:
+        with grpc.insecure_channel(f"{address}:{port}") as channel:
+            call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (port, refused.value)
+    # With the token the same call gets past the check (and fails on its empty request instead).
+    with grpc.insecure_channel(f"{address}:{allowed[0]}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+        with pytest.raises(grpc.RpcError) as failed:
+            call(b"", timeout=10, metadata=[("authorization", f"Bearer {platform.env['RAY_AUTH_TOKEN']}")])
+    assert failed.value.code() != grpc.StatusCode.UNAUTHENTICATED, failed.value
 
 
 def test_no_model_replica_has_an_http_port_of_its_own(platform: Platform):
