@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     ray_head_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of a Ray that `up` starts.")
     ray_node_address: str = Field(
         default="127.0.0.1",
-        description="Address a Ray that `up` starts advertises and listens on. Default 127.0.0.1: every port "
-        "of that Ray (GCS, raylet, workers, agents, metrics export, Ray Client) on loopback, one machine only. "
+        description="Address a Ray that `up` starts advertises and listens on. Default 127.0.0.1: one machine, "
+        "every port of that Ray (GCS, raylet, workers, agents, metrics export, Ray Client) on loopback but the "
+        "one per Serve replica that Ray binds to every interface itself (docs/security.md). "
         "A head that other nodes join (docs/on-prem.md): this machine's address on the cluster network, which "
         "the nodes give as `--address ADDRESS:MEDSERVE_RAY_HEAD_PORT`; Ray then listens on every interface.",
     )
