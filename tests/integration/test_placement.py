@@ -68,7 +68,9 @@ def _pool_spec(platform: Platform) -> DeploymentSpec:
     return base.model_copy(update={
         "name": MODEL,
         "model": base.model.model_copy(update={"name": MODEL}),
-        "resources": base.resources.model_copy(update={"custom": POOL}),
+        # No CPU: the pool node announces none, so nothing but the pool's replicas fits there (Serve spreads
+        # replicas over nodes, and the gateway, redeployed by this apply, would otherwise land there too).
+        "resources": base.resources.model_copy(update={"custom": POOL, "num_cpus": 0.0}),
     })
 
 
@@ -82,7 +84,7 @@ def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(head
     join = parse_join(
         address=f"{address}:{platform.settings.ray_head_port}",
         resources={"radiology_gpu": 1},
-        num_cpus=1,
+        num_cpus=0,
         num_gpus=0,
         node_ip_address=address,
         share_machine=True,
@@ -91,7 +93,7 @@ def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(head
     spec = _pool_spec(platform)
     try:
         joined = wait_for_node(dashboard, token, resources=POOL, exclude={n.node_id for n in head_nodes})
-        assert not joined.is_head and joined.resources["radiology_gpu"] == 1.0 and joined.resources["CPU"] == 1.0
+        assert not joined.is_head and joined.resources["radiology_gpu"] == 1.0 and not joined.resources.get("CPU")
 
         result = platform.apply([*_base_specs(platform), spec])
         planned = {item.spec.name: item for item in result.plan}
@@ -103,7 +105,7 @@ def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(head
         placements = [p for p in replica_placements(dashboard, token) if p.app == app]
         assert len(placements) == 1
         assert placements[0].node_id == joined.node_id
-        # The other tests' replicas stay where they were: none needs the pool.
+        # Every other replica (the gateway, the liver analyzer) runs on the head: none needs the pool.
         others = [p for p in replica_placements(dashboard, token) if p.app != app]
         assert others and all(p.node_id != joined.node_id for p in others)
 
