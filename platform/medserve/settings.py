@@ -49,12 +49,25 @@ class Settings(BaseSettings):
         default=Path("deployments"),
         description="Directory of deployment spec YAML files that `medserve up` applies.",
     )
-    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    gateway_host: str = Field(
+        default="127.0.0.1",
+        description="Address the gateway listens on (Ray Serve's proxy port and the gateway's direct-ingress ports). "
+        "Default loopback: only this machine reaches it. 0.0.0.0 (or one interface's address) opens the gateway, "
+        "and only the gateway, to the network; Ray's own ports follow MEDSERVE_RAY_NODE_ADDRESS.",
+    )
     gateway_port: int = Field(default=8000, ge=1, le=65535, description="Port the gateway listens on.")
     ray_dashboard_port: int = Field(
         default=8265, ge=1, le=65535, description="Dashboard (Serve REST API) port of a Ray that `up` starts."
     )
     ray_head_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of a Ray that `up` starts.")
+    ray_node_address: str = Field(
+        default="127.0.0.1",
+        description="Address a Ray that `up` starts advertises and listens on. Default 127.0.0.1: one machine, "
+        "every port of that Ray (GCS, raylet, workers, agents, metrics export, Ray Client) on loopback but the "
+        "one per Serve replica that Ray binds to every interface itself (docs/security.md). "
+        "A head that other nodes join (docs/on-prem.md): this machine's address on the cluster network, which "
+        "the nodes give as `--address ADDRESS:MEDSERVE_RAY_HEAD_PORT`; Ray then listens on every interface.",
+    )
     prometheus_port: int = Field(
         default=9090, ge=1, le=65535,
         description="Loopback port of the Prometheus that `up --with-prometheus` starts.",
@@ -218,6 +231,9 @@ class Settings(BaseSettings):
             raise ValueError("MEDSERVE_OIDC_ISSUER needs MEDSERVE_OIDC_JWKS_FILE or MEDSERVE_OIDC_JWKS_URL")
         if "none" in [a.lower() for a in self.oidc_algorithms]:
             raise ValueError("the 'none' JWT algorithm is never accepted")
+        if self.ray_node_address in ("0.0.0.0", "::", ""):
+            raise ValueError("MEDSERVE_RAY_NODE_ADDRESS is an address Ray advertises: 127.0.0.1 (one machine) "
+                             "or this machine's address on the cluster network, never a wildcard")
         return self
 
     # --- model versions and rollouts ----------------------------------------------

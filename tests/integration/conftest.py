@@ -13,6 +13,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,14 @@ def new_patient_id() -> str:
     return f"MRN-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="session")
-def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Platform]:
-    home = tmp_path_factory.mktemp("medserve-home")
-    # This session's own Ray temp dir (short: unix socket paths are limited to
+@contextmanager
+def running_platform(home: Path, repo_root: Path, specs: list[DeploymentSpec] | None = None,
+                     **settings_env: str) -> Iterator[Platform]:
+    """A Ray head started the way `medserve up` starts one, with `specs` applied (default: the catalog).
+
+    settings_env: more MEDSERVE_* variables, e.g. MEDSERVE_RAY_NODE_ADDRESS for a head that nodes join.
+    """
+    # This head's own Ray temp dir (short: unix socket paths are limited to
     # ~107 characters), so tests can read exactly this run's logs.
     ray_temp = tempfile.mkdtemp(prefix="msr-", dir="/tmp")
     overrides = {
@@ -126,34 +131,44 @@ def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Itera
         "RAY_AUTH_MODE": "token",
         # A test environment: the demo models are never approved for clinical use.
         "MEDSERVE_REQUIRE_APPROVED_VERSIONS": "false",
+        **settings_env,
     }
     saved = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     settings = Settings()
-    upgrade(settings.resolved_database_url)
-    settings.pseudonym_key_bytes()
-    settings.audit_signing_key_bytes()
-    connection = start_local_ray(settings)
     try:
-        target = RayClusterTarget(connection.dashboard_url, connection.auth_token)
-        result = Platform(
-            settings=settings,
-            target=target,
-            base_url=f"http://127.0.0.1:{settings.gateway_port}",
-            repo_root=repo_root,
-            env={**overrides, "RAY_AUTH_TOKEN": connection.auth_token or ""},
-            ray_temp_dir=Path(ray_temp),
-        )
-        result.apply()
-        yield result
+        upgrade(settings.resolved_database_url)
+        settings.pseudonym_key_bytes()
+        settings.audit_signing_key_bytes()
+        connection = start_local_ray(settings)
+        try:
+            target = RayClusterTarget(connection.dashboard_url, connection.auth_token)
+            result = Platform(
+                settings=settings,
+                target=target,
+                base_url=f"http://127.0.0.1:{settings.gateway_port}",
+                repo_root=repo_root,
+                env={**overrides, "RAY_AUTH_TOKEN": connection.auth_token or ""},
+                ray_temp_dir=Path(ray_temp),
+            )
+            result.apply(specs)
+            yield result
+        finally:
+            stop_local_ray(settings)
     finally:
-        stop_local_ray(settings)
         shutil.rmtree(ray_temp, ignore_errors=True)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Platform]:
+    """The shared platform: one machine, so every Ray port on loopback (test_local_binding.py)."""
+    with running_platform(tmp_path_factory.mktemp("medserve-home"), repo_root) as result:
+        yield result
 
 
 def json_of(response: httpx.Response) -> Any:

@@ -4,13 +4,21 @@ On-prem sites without Kubernetes announce node pools as custom resources
 (`radiology_gpu`); a spec asking for `resources.custom: {radiology_gpu: 1}`
 must run there and nowhere else. Both nodes run on this machine here, so the
 second one lets the OS pick the dashboard-agent port the head already holds.
+
+Nodes cannot join the shared platform's head: it listens on loopback only, and Ray turns a loopback
+`--address` into the machine's network address on a node that joins. So this module starts a head of its
+own as an on-prem head is started, with MEDSERVE_RAY_NODE_ADDRESS set to this machine's network address,
+and serves a small catalog there (the liver analyzer and the pancreas model that stays unplaceable).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from ray._common.network_utils import node_ip_address_from_perspective
 
 from medserve.controlplane.cluster import (
     list_nodes,
@@ -21,15 +29,34 @@ from medserve.controlplane.cluster import (
     wait_for_node,
 )
 from medserve.controlplane.render import app_name_for
-from medserve.specs import DeploymentSpec
+from medserve.specs import DeploymentSpec, load_catalog
 from tests.series_data import ct_series
 
-from .conftest import Platform, json_of, new_patient_id
+from .conftest import Platform, json_of, new_patient_id, running_platform
 
 pytestmark = pytest.mark.slow
 
 POOL = {"radiology_gpu": 1.0}
 MODEL = "ct-liver-attenuation-hu-radiology"
+
+
+BASE = ("ct-liver-attenuation-hu", "ct-pancreas-screen")
+
+
+def _base_specs(platform: Platform) -> list[DeploymentSpec]:
+    """Two models: the liver analyzer, and the pancreas model that asks for the pool and a GPU share."""
+    return [spec for spec in platform.catalog() if spec.name in BASE]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[Platform]:
+    """A head that other nodes join: Ray advertises this machine's network address."""
+    address = node_ip_address_from_perspective(None)
+    assert address and not address.startswith("127."), f"no network address to advertise here ({address})"
+    with running_platform(tmp_path_factory.mktemp("medserve-head"), repo_root,
+                          specs=[s for s in load_catalog(repo_root / "deployments") if s.name in BASE],
+                          MEDSERVE_RAY_NODE_ADDRESS=address) as platform:
+        yield platform
 
 
 def _pool_spec(platform: Platform) -> DeploymentSpec:
@@ -41,30 +68,34 @@ def _pool_spec(platform: Platform) -> DeploymentSpec:
     return base.model_copy(update={
         "name": MODEL,
         "model": base.model.model_copy(update={"name": MODEL}),
-        "resources": base.resources.model_copy(update={"custom": POOL}),
+        # No CPU: the pool node announces none, so nothing but the pool's replicas fits there (Serve spreads
+        # replicas over nodes, and the gateway, redeployed by this apply, would otherwise land there too).
+        "resources": base.resources.model_copy(update={"custom": POOL, "num_cpus": 0.0}),
     })
 
 
-def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(platform: Platform):
+def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(head: Platform):
+    platform = head
+    address = platform.settings.ray_node_address
     token = platform.env["RAY_AUTH_TOKEN"]
     dashboard = platform.target.dashboard_url
     head_nodes = list_nodes(dashboard, token)
     assert all("radiology_gpu" not in node.resources for node in head_nodes)
     join = parse_join(
-        address=f"127.0.0.1:{platform.settings.ray_head_port}",
+        address=f"{address}:{platform.settings.ray_head_port}",
         resources={"radiology_gpu": 1},
-        num_cpus=1,
+        num_cpus=0,
         num_gpus=0,
-        node_ip_address="127.0.0.1",
+        node_ip_address=address,
         share_machine=True,
     )
     node = start_node(join, token, platform.settings, log_path=platform.settings.resolved_home / "ray-node.log")
     spec = _pool_spec(platform)
     try:
         joined = wait_for_node(dashboard, token, resources=POOL, exclude={n.node_id for n in head_nodes})
-        assert not joined.is_head and joined.resources["radiology_gpu"] == 1.0 and joined.resources["CPU"] == 1.0
+        assert not joined.is_head and joined.resources["radiology_gpu"] == 1.0 and not joined.resources.get("CPU")
 
-        result = platform.apply([*platform.catalog(), spec])
+        result = platform.apply([*_base_specs(platform), spec])
         planned = {item.spec.name: item for item in result.plan}
         assert planned[MODEL].deploy, planned[MODEL].reason
         # The pancreas model also asks for the pool, but for a GPU share too: still skipped.
@@ -74,7 +105,7 @@ def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(plat
         placements = [p for p in replica_placements(dashboard, token) if p.app == app]
         assert len(placements) == 1
         assert placements[0].node_id == joined.node_id
-        # The other tests' replicas stay where they were: none needs the pool.
+        # Every other replica (the gateway, the liver analyzer) runs on the head: none needs the pool.
         others = [p for p in replica_placements(dashboard, token) if p.app != app]
         assert others and all(p.node_id != joined.node_id for p in others)
 
@@ -93,7 +124,7 @@ def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(plat
         assert [(row.model_name, row.outcome, row.http_status) for row in rows] == [(MODEL, "ok", 200)]
     finally:
         try:
-            platform.apply()  # the default catalog: the pool model goes, the others stay
+            platform.apply(_base_specs(platform))  # the pool model goes, the others stay
         finally:
             stop_node(node)
 

@@ -19,6 +19,7 @@ from medserve.controlplane.cluster import (
     replica_placements,
     shell_command,
 )
+from medserve.controlplane.local_ray import RAY_CLUSTER_SWITCH, is_loopback, ray_environment
 from medserve.errors import ConfigurationError
 from medserve.settings import Settings
 
@@ -198,3 +199,27 @@ def test_the_printed_resources_are_valid_json():
     join = parse_join(address="h:6379", resources={"radiology_gpu": 1, "pathology_gpu": 0.25})
     flag = next(part for part in join_command(join) if part.startswith("--resources="))
     assert json.loads(flag.removeprefix("--resources=")) == {"pathology_gpu": 0.25, "radiology_gpu": 1}
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.0.1.1", True), ("::1", True), ("::ffff:127.0.0.1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("192.0.2.2", False), ("head.example", False),
+])
+def test_loopback_addresses_are_recognised(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_a_one_machine_head_holds_ray_to_loopback_and_a_cluster_head_does_not(tmp_path, monkeypatch):
+    # Without Ray's one-machine switch, `ray start --node-ip-address=127.0.0.1` swaps in the machine's
+    # network address and Ray listens there (tests/integration/test_local_binding.py measures the result).
+    monkeypatch.setenv(RAY_CLUSTER_SWITCH, "1")
+    local = ray_environment(Settings(home=tmp_path))
+    assert local[RAY_CLUSTER_SWITCH] == "0" and local["RAY_AUTH_MODE"] == "token"
+    head = ray_environment(Settings(home=tmp_path, ray_node_address="10.0.0.5"))
+    assert RAY_CLUSTER_SWITCH not in head, "nodes join a head only with Ray's cluster mode on"
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+def test_a_wildcard_is_no_node_address(tmp_path, wildcard):
+    with pytest.raises(ValueError, match="never a wildcard"):
+        Settings(home=tmp_path, ray_node_address=wildcard)

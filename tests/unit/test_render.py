@@ -33,6 +33,19 @@ def test_only_the_gateway_has_a_route(repo_root):
     assert set(routes.values()) == {None}
 
 
+def test_the_gateway_host_opens_the_gateway_only(repo_root):
+    """Serve's direct ingress gives every application's ingress replica an HTTP port on http_options.host;
+    a model application turns it off, so MEDSERVE_GATEWAY_HOST=0.0.0.0 puts no model on the network."""
+    _, config = _config(repo_root, http_host="0.0.0.0")
+    assert config["http_options"]["host"] == "0.0.0.0"
+    for app in config["applications"]:
+        env = app.get("runtime_env", {}).get("env_vars", {})
+        if app["name"] == GATEWAY_APP:
+            assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in env
+        else:
+            assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0", app["name"]
+
+
 def test_pipelines_travel_in_the_gateway_args(repo_root):
     specs, config = _config(repo_root)
     pipelines = {p["name"]: p for p in _app(config, GATEWAY_APP)["args"]["pipelines"]}

@@ -103,7 +103,11 @@ def up(detach: bool, deployments_dir: Path | None, with_prometheus: bool) -> Non
         dashboard_url, token, started_ray = remote_dashboard_url(ray_address), os.environ.get("RAY_AUTH_TOKEN"), False
         click.echo(f"Using the Ray cluster at {dashboard_url}")
     else:
-        click.echo("Starting a local Ray instance (token auth on, dashboard on loopback)...")
+        from medserve.controlplane.local_ray import is_loopback
+
+        where = ("every port on loopback" if is_loopback(settings.ray_node_address)
+                 else f"nodes join at {settings.ray_node_address}:{settings.ray_head_port}, dashboard on loopback")
+        click.echo(f"Starting a local Ray instance (token auth on, {where})...")
         connection = start_local_ray(settings)
         dashboard_url, token, started_ray = connection.dashboard_url, connection.auth_token, True
     (home / UP_STATE_FILE).write_text(json.dumps({

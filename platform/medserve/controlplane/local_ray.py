@@ -6,6 +6,7 @@ A state file under MEDSERVE_HOME records that medserve started it, so
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -39,9 +40,61 @@ def ray_auth_token(settings: Settings) -> str:
     return os.environ.get("RAY_AUTH_TOKEN") or _read_or_create_secret(settings.resolved_home / "ray-auth.token")
 
 
+# Ray's switch for a one-machine Ray (its default on macOS and Windows). Ray replaces a loopback
+# `--node-ip-address` with the machine's network address unless it is off, and then binds its gRPC servers,
+# agents, metrics export and Ray Client server to that address or to every interface.
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@dataclass(frozen=True)
+class NetworkListener:
+    """A socket of a one-machine Ray that listens off loopback although medserve asks for loopback.
+
+    Each is named, with the reason Ray cannot be held to loopback there, in docs/security.md
+    ("What listens where"); tests/integration/test_local_binding.py fails on any other.
+    """
+
+    name: str
+    component: str  # a substring of the listening process's command line
+    addresses: tuple[str, ...]  # the addresses it listens on
+    why: str
+
+    def matches(self, ip: str, port: int, command_line: str, pid: int) -> bool:
+        return self.component in command_line and ip in self.addresses
+
+
+# Measured with Ray 2.60 and the whole catalog applied (docs/security.md, "What listens where").
+NETWORK_LISTENERS: tuple[NetworkListener, ...] = (
+    NetworkListener(
+        name="Ray Serve inter-deployment gRPC",
+        component="ray::ServeReplica:",
+        addresses=("::",),
+        why="each Serve replica's handle-call server: ray/serve/_private/replica.py binds it to [::]:0 (every "
+        "interface, a random port) with no setting to change it (ray-project/ray#64544); it takes Ray's token",
+    ),
+)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (also IPv4-mapped) and the name localhost."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
 def ray_environment(settings: Settings) -> dict[str, str]:
-    """Environment for a Ray that medserve starts: token auth on, medserve settings absolute."""
+    """Environment for a Ray that medserve starts: token auth on, medserve settings absolute,
+    every Ray port on loopback unless MEDSERVE_RAY_NODE_ADDRESS names a network address."""
     env = dict(os.environ)
+    if is_loopback(settings.ray_node_address):
+        env[RAY_CLUSTER_SWITCH] = "0"
+    else:
+        env.pop(RAY_CLUSTER_SWITCH, None)
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = ray_auth_token(settings)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -58,6 +111,10 @@ def ray_environment(settings: Settings) -> dict[str, str]:
     source_root = str(Path(medserve.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     return env
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _ray_executable() -> str:
@@ -95,7 +152,7 @@ def start_local_ray(settings: Settings, *, timeout_s: float = 120.0) -> RayConne
     state_path = home / STATE_FILE
     token = ray_auth_token(settings)
     dashboard_url = f"http://127.0.0.1:{settings.ray_dashboard_port}"
-    address = f"127.0.0.1:{settings.ray_head_port}"
+    address = f"{_host_for_url(settings.ray_node_address)}:{settings.ray_head_port}"
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if _alive(int(state["pid"])) and _dashboard_up(dashboard_url, token):
@@ -108,8 +165,10 @@ def start_local_ray(settings: Settings, *, timeout_s: float = 120.0) -> RayConne
         "--head",
         "--block",
         f"--port={settings.ray_head_port}",
-        "--node-ip-address=127.0.0.1",
-        # The dashboard (and its Serve REST API) listens on loopback only.
+        # Loopback by default, held there by RAY_CLUSTER_SWITCH (ray_environment); a head that other
+        # nodes join advertises its cluster-network address instead.
+        f"--node-ip-address={settings.ray_node_address}",
+        # The dashboard (and its Serve REST API) listens on loopback only, on a multi-node head too.
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={settings.ray_dashboard_port}",
         "--include-dashboard=true",

@@ -142,6 +142,12 @@ def replica_config(spec: DeploymentSpec) -> dict[str, Any]:
     return config
 
 
+# A model application's replicas open no HTTP port of their own. With direct ingress (RAY_SERVE_THROUGHPUT_OPTIMIZED)
+# Ray Serve gives every application's ingress replica one, on the gateway's host: MEDSERVE_GATEWAY_HOST=0.0.0.0
+# would put each model on the network, beside the gateway that authenticates and audits its callers.
+MODEL_APP_ENV: dict[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
 def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, Any]:
     engine = ENGINES[spec.model.engine]
     if engine.serve_llm:
@@ -153,6 +159,7 @@ def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, 
         "import_path": engine.app_import_path,
         "args": {"spec": spec.model_dump(mode="json"), "allow_unpinned": options.allow_unpinned_artifacts},
         "deployments": [replica_config(spec)],
+        "runtime_env": {"env_vars": dict(MODEL_APP_ENV)},
     }
 
 
@@ -172,6 +179,7 @@ def render_vllm_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, A
             "llm_config": llm_config_for(spec),
         },
         "deployments": [adapter],
+        "runtime_env": {"env_vars": dict(MODEL_APP_ENV)},
     }
 
 
