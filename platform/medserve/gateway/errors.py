@@ -64,7 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         # The framework's own 404s and 405s say no more than "Not available." (no route names).
         typed = {404: NotFoundError, 405: MethodNotAllowedError}.get(error.status_code, FrameworkHTTPError)
-        return JSONAnswer(typed(ROUTE_UNAVAILABLE).to_payload(), status_code=error.status_code)
+        # The framework's headers stay: a 405 names the methods the route has (Allow, RFC 9110).
+        return JSONAnswer(typed(ROUTE_UNAVAILABLE).to_payload(), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from medserve.audit.queries import AuditFilter, search_records
 from medserve.errors import RequestValidationFailed
+from medserve.gateway.openapi import AUTHENTICATED, QUERY, error_responses
 from medserve.gateway.state import GatewayState, get_gateway
 from medserve.security.pseudonyms import pseudonymize
 
@@ -31,7 +32,7 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-@router.get("/admin/audit")
+@router.get("/admin/audit", responses=error_responses(AUTHENTICATED, QUERY))
 async def list_audit(
     request: Request,
     model: str | None = Query(None, max_length=100, description="Model name."),

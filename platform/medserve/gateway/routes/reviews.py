@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from medserve.db.engine import session_scope
 from medserve.errors import ModelNotFoundError, NotFoundError
 from medserve.gateway.auth import require_department
+from medserve.gateway.openapi import AUTHENTICATED, BODY, QUERY, REVIEW, error_responses
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
 from medserve.security.pseudonyms import pseudonymize_headers
@@ -29,7 +30,11 @@ def _authorize_model(gateway: GatewayState, principal: Any):  # type: ignore[no-
     return check
 
 
-@router.post("/v1/reviews/{inference_id}", openapi_extra=json_body_schema(ReviewRequest))
+@router.post(
+    "/v1/reviews/{inference_id}",
+    responses=error_responses(AUTHENTICATED, BODY, REVIEW),
+    openapi_extra=json_body_schema(ReviewRequest),
+)
 async def review(inference_id: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     """Sign off one result (its inference_id): accept, edit with the corrected finding, or reject; once."""
     principal = await gateway.principal(request)
@@ -51,7 +56,7 @@ async def review(inference_id: str, request: Request, gateway: GatewayState = De
     return await asyncio.to_thread(store)
 
 
-@router.get("/v1/reviews/pending")
+@router.get("/v1/reviews/pending", responses=error_responses(AUTHENTICATED, QUERY))
 async def pending(
     request: Request,
     model: str | None = Query(default=None, max_length=100, description="Only this model's results."),
@@ -68,7 +73,7 @@ async def pending(
     return {"object": "list", "data": await asyncio.to_thread(query)}
 
 
-@router.get("/v1/reviews/summary")
+@router.get("/v1/reviews/summary", responses=error_responses(AUTHENTICATED, QUERY))
 async def summary(
     request: Request,
     model: str | None = Query(default=None, max_length=100, description="Only this model."),
