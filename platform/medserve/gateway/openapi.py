@@ -104,12 +104,12 @@ QUERY: tuple[ErrorClass, ...] = (RequestValidationFailed,)
 BODY: tuple[ErrorClass, ...] = (RequestValidationFailed, PayloadTooLargeError)
 # An audited route: the record could not be made durable.
 AUDITED: tuple[ErrorClass, ...] = (AuditUnavailableError,)
-# authorize_model, route and call: the model, its department and task, its version's
-# approval, its replicas' capacity and time.
-MODEL_CALL: tuple[ErrorClass, ...] = (
-    ModelNotFoundError, PermissionDeniedError, OperationNotSupportedError, VersionNotApprovedError,
-    ModelUnavailableError, ModelOverloadedError, ModelTimeoutError, InferenceError,
-)
+# authorize_model: the model, its department, its task.
+MODEL_LOOKUP: tuple[ErrorClass, ...] = (ModelNotFoundError, PermissionDeniedError, OperationNotSupportedError)
+# call: the model's replicas, their capacity and time.
+MODEL_ANSWER: tuple[ErrorClass, ...] = (ModelUnavailableError, ModelOverloadedError, ModelTimeoutError, InferenceError)
+# authorize_model, route (the version answering must be approved) and call.
+MODEL_CALL: tuple[ErrorClass, ...] = (*MODEL_LOOKUP, VersionNotApprovedError, *MODEL_ANSWER)
 # What an imaging replica refuses.
 IMAGE_INPUT: tuple[ErrorClass, ...] = (
     UnsupportedMediaTypeError, InvalidImageError, InvalidDicomError, InputConstraintError, BadRequestError,

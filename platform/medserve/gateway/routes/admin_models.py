@@ -27,6 +27,8 @@ from medserve.specs import DeploymentSpec
 router = APIRouter(prefix="/admin/models", tags=["admin"])
 
 STATUS_ACTIONS = {"validate": "validated", "approve": "approved", "retire": "retired"}
+# Ten years: far beyond any audit window, and well inside what a datetime can subtract.
+MAX_SINCE_MINUTES = 10 * 366 * 24 * 60
 
 
 class RolloutRequest(BaseModel):
@@ -170,7 +172,7 @@ async def history(name: str, request: Request, gateway: GatewayState = Depends(g
 @router.get("/{name}/comparison", responses=error_responses(AUTHENTICATED, QUERY, REGISTRY_READ))
 async def comparison(
     name: str, request: Request, gateway: GatewayState = Depends(get_gateway),
-    since_minutes: float | None = Query(default=None, gt=0),
+    since_minutes: float | None = Query(default=None, gt=0, le=MAX_SINCE_MINUTES, description="Compare the last N minutes."),
 ) -> dict[str, Any]:
     await gateway.principal(request)
     return await asyncio.to_thread(admin.comparison_report, gateway.database_url, name, since_minutes)

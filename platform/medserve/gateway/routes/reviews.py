@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from medserve.db.engine import session_scope
 from medserve.errors import ModelNotFoundError, NotFoundError
@@ -28,32 +28,6 @@ def _authorize_model(gateway: GatewayState, principal: Any):  # type: ignore[no-
         require_department(principal, entry.departments, entry.model_name)
 
     return check
-
-
-@router.post(
-    "/v1/reviews/{inference_id}",
-    responses=error_responses(AUTHENTICATED, BODY, REVIEW),
-    openapi_extra=json_body_schema(ReviewRequest),
-)
-async def review(inference_id: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
-    """Sign off one result (its inference_id): accept, edit with the corrected finding, or reject; once."""
-    principal = await gateway.principal(request)
-    try:
-        parsed_id = uuid.UUID(inference_id)
-    except ValueError:
-        raise NotFoundError("no inference has this id") from None
-    body = await gateway.read_body(request)
-    decision = parse_json_body(ReviewRequest, body)
-    clinician = pseudonymize_headers(gateway.settings.pseudonym_key_bytes(), request.headers).get("clinician")
-
-    def store() -> dict[str, Any]:
-        with session_scope(gateway.database_url) as session:
-            return record_review(
-                session, parsed_id, decision, principal,
-                clinician_pseudonym=clinician, authorize=_authorize_model(gateway, principal),
-            )
-
-    return await asyncio.to_thread(store)
 
 
 @router.get("/v1/reviews/pending", responses=error_responses(AUTHENTICATED, QUERY))
@@ -87,3 +61,37 @@ async def summary(
             return override_summary(session, model)
 
     return {"object": "list", "data": await asyncio.to_thread(query)}
+
+
+# Declared after the fixed /v1/reviews/... paths, so a request for one of those with another method is
+# answered 405 with their Allow, not routed here as an inference id.
+@router.post(
+    "/v1/reviews/{inference_id}",
+    responses=error_responses(AUTHENTICATED, BODY, REVIEW),
+    openapi_extra=json_body_schema(ReviewRequest),
+)
+async def review(
+    request: Request,
+    # A plain string checked after authentication (a typed UUID would answer an anonymous caller with a
+    # validation error instead of 401); the document states the format, and any other id is a 404.
+    inference_id: str = Path(description="The result's inference_id.", json_schema_extra={"format": "uuid"}),
+    gateway: GatewayState = Depends(get_gateway),
+) -> dict[str, Any]:
+    """Sign off one result (its inference_id): accept, edit with the corrected finding, or reject; once."""
+    principal = await gateway.principal(request)
+    try:
+        parsed_id = uuid.UUID(inference_id)
+    except ValueError:
+        raise NotFoundError("no inference has this id") from None
+    body = await gateway.read_body(request)
+    decision = parse_json_body(ReviewRequest, body)
+    clinician = pseudonymize_headers(gateway.settings.pseudonym_key_bytes(), request.headers).get("clinician")
+
+    def store() -> dict[str, Any]:
+        with session_scope(gateway.database_url) as session:
+            return record_review(
+                session, parsed_id, decision, principal,
+                clinician_pseudonym=clinician, authorize=_authorize_model(gateway, principal),
+            )
+
+    return await asyncio.to_thread(store)
