@@ -33,8 +33,9 @@ logger = logging.getLogger("medserve.gateway")
 # What the framework's own HTTP errors (unknown route, wrong method) say.
 ROUTE_UNAVAILABLE = "Not available."
 
-# Headers some errors add, so clients know when to come back.
-RETRY_AFTER_SECONDS = {503: "1"}
+# Every 429 and 503 says when to come back (the OpenAPI document promises it); an error's own
+# details.retry_after_s, when it has one, replaces the default.
+RETRY_AFTER_SECONDS = {429: "1", 503: "1"}
 
 
 def error_response(error: MedserveError) -> JSONResponse:
