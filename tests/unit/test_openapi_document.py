@@ -164,3 +164,54 @@ def test_schemathesis_with_every_check_passes_in_process_for_three_roles(tmp_pat
     # Every operation the document names was exercised, for every role.
     tested = f"Tested: {len(_operations(client.app.openapi()))}"
     assert all(tested in run.summary for run in runs), [run.summary for run in runs]
+
+
+def _check_against_document(document: dict[str, Any], method: str, template: str, response: Any) -> None:
+    """The answer's status, content type, headers and body are the ones the document states."""
+    responses = document["paths"][template][method.lower()]["responses"]
+    assert str(response.status_code) in responses, (method, template, response.status_code, response.text[:300])
+    entry = responses[str(response.status_code)]
+    media = response.headers["content-type"].split(";")[0].strip()
+    assert media in entry["content"], (method, template, media)
+    schema = entry["content"][media]["schema"]
+    jsonschema.validate(response.json(), {**schema, "components": document["components"]})
+    for name, header in entry.get("headers", {}).items():
+        assert not header.get("required") or name in response.headers, (method, template, name)
+
+
+def test_real_answers_of_each_kind_match_their_documented_schemas(tmp_path: Path, database_url: str, mr_small_path):
+    """Success bodies (which the fuzzer's drawn names rarely reach) and errors, from the real routes."""
+    infer = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.5]}]}
+    chat = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+    with gateway_client(tmp_path, database_url) as (client, _state):
+        document = client.get("/openapi.json").json()
+        app = {"Authorization": f"Bearer {make_key(database_url, 'clinical-app')}", "X-Patient-Id": "MRN-1"}
+        auditor = {"Authorization": f"Bearer {make_key(database_url, 'auditor')}"}
+        dicom = {**app, "Content-Type": "application/dicom"}
+        calls = [
+            ("GET", "/v1/models", client.get("/v1/models", headers=app)),
+            ("GET", "/v2/models/{name}", client.get("/v2/models/brain-mri-tumour", headers=app)),
+            ("POST", "/v1/imaging/{name}",
+             client.post("/v1/imaging/brain-mri-tumour", content=mr_small_path.read_bytes(), headers=dicom)),
+            ("POST", "/v2/models/{name}/infer", client.post("/v2/models/brain-mri-tumour/infer", json=infer, headers=app)),
+            ("POST", "/v1/chat/completions", client.post("/v1/chat/completions", json=chat, headers=app)),
+            ("GET", "/v1/pipelines", client.get("/v1/pipelines", headers=app)),
+            ("GET", "/admin/audit", client.get("/admin/audit", headers=auditor)),
+            ("GET", "/v1/reviews/pending", client.get("/v1/reviews/pending", headers=auditor)),
+            ("GET", "/v1/reviews/summary", client.get("/v1/reviews/summary", headers=auditor)),
+            ("GET", "/healthz", client.get("/healthz")),
+            # Errors: 401 with WWW-Authenticate, 403, 404, 415, 400 for a bad query and a bad body.
+            ("GET", "/v1/models", client.get("/v1/models")),
+            ("GET", "/admin/audit", client.get("/admin/audit", headers=app)),
+            ("POST", "/v1/imaging/{name}", client.post("/v1/imaging/no-such-model", content=b"x", headers=dicom)),
+            ("POST", "/v1/imaging/{name}", client.post("/v1/imaging/brain-mri-tumour", content=b"x",
+                                                       headers={**app, "Content-Type": "text/plain"})),
+            ("GET", "/admin/audit", client.get("/admin/audit", params={"since": "0.5"}, headers=auditor)),
+            ("POST", "/v1/chat/completions", client.post("/v1/chat/completions", json={"model": 1}, headers=app)),
+        ]
+    statuses = [(template, response.status_code) for _, template, response in calls]
+    assert [status for _, status in statuses] == [200] * 10 + [401, 403, 404, 415, 400, 400], statuses
+    audit_page = calls[6][2].json()
+    assert audit_page["data"], "the audit page should hold the calls above"
+    for method, template, response in calls:
+        _check_against_document(document, method, template, response)

@@ -200,8 +200,8 @@ def _declare_security(document: dict[str, Any]) -> None:
             permission = ROUTE_PERMISSIONS.get((method.upper(), path), PUBLIC)
             if permission is not PUBLIC:
                 operation["security"] = [{BEARER: []}]
-                operation.setdefault("description", "")
-                operation["description"] = (operation["description"] + f"\n\nNeeds permission `{permission.value}`.").strip()
+                needs = f"Needs permission `{permission.value}`."
+                operation["description"] = (operation.get("description", "") + "\n\n" + needs).strip()
 
 
 def install_openapi(app: FastAPI) -> None:

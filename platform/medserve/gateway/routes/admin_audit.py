@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from medserve.audit.queries import AuditFilter, search_records
 from medserve.errors import RequestValidationFailed
+from medserve.gateway.answers import AuditPage, ok
 from medserve.gateway.openapi import AUTHENTICATED, QUERY, error_responses
 from medserve.gateway.state import GatewayState, get_gateway
 from medserve.security.pseudonyms import pseudonymize
@@ -46,10 +47,11 @@ def _time(name: str, value: str | None) -> datetime | None:
             raise ValueError(name)
         return datetime.fromisoformat(value.replace("z", "Z"))
     except ValueError:
-        raise RequestValidationFailed("times are RFC 3339 with a zone, e.g. 2026-01-01T00:00:00Z", fields=[name]) from None
+        message = "times are RFC 3339 with a zone, e.g. 2026-01-01T00:00:00Z"
+        raise RequestValidationFailed(message, fields=[name]) from None
 
 
-@router.get("/admin/audit", responses=error_responses(AUTHENTICATED, QUERY))
+@router.get("/admin/audit", response_model=None, responses={**ok(AuditPage), **error_responses(AUTHENTICATED, QUERY)})
 async def list_audit(
     request: Request,
     model: str | None = Query(None, max_length=100, description="Model name."),

@@ -172,7 +172,9 @@ async def history(name: str, request: Request, gateway: GatewayState = Depends(g
 @router.get("/{name}/comparison", responses=error_responses(AUTHENTICATED, QUERY, REGISTRY_READ))
 async def comparison(
     name: str, request: Request, gateway: GatewayState = Depends(get_gateway),
-    since_minutes: float | None = Query(default=None, gt=0, le=MAX_SINCE_MINUTES, description="Compare the last N minutes."),
+    since_minutes: float | None = Query(
+        default=None, gt=0, le=MAX_SINCE_MINUTES, description="Compare the last N minutes."
+    ),
 ) -> dict[str, Any]:
     await gateway.principal(request)
     return await asyncio.to_thread(admin.comparison_report, gateway.database_url, name, since_minutes)

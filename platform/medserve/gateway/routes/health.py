@@ -32,8 +32,9 @@ async def healthz() -> dict[str, str]:
         **error_responses(GATEWAY),
         503: {"description": "Not ready (the readiness body says why), or the replica is still starting "
               "(`model_unavailable`).",
-              "content": {"application/json": {"schema": {"anyOf": [{"type": "object", "required": ["status", "reasons"]},
-                                                                     error_schema(["model_unavailable"])]}}}},
+              "content": {"application/json": {"schema": {"anyOf": [
+                  {"type": "object", "required": ["status", "reasons"]}, error_schema(["model_unavailable"]),
+              ]}}}},
     },
 )
 async def readyz(gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:

@@ -6,13 +6,14 @@ from fastapi import APIRouter, Depends, Request
 
 from medserve.errors import OperationNotSupportedError
 from medserve.gateway.auth import require_department
+from medserve.gateway.answers import ModelListing, ok
 from medserve.gateway.openapi import AUTHENTICATED, MODEL_ANSWER, MODEL_LOOKUP, error_responses
 from medserve.gateway.state import GatewayState, get_gateway
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", responses=error_responses(AUTHENTICATED))
+@router.get("/v1/models", response_model=None, responses={**ok(ModelListing), **error_responses(AUTHENTICATED)})
 async def list_models(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     entries = [await gateway.primary(entry) for entry in gateway.catalog.entries()]

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from medserve.db.engine import session_scope
 from medserve.errors import ModelNotFoundError, NotFoundError
 from medserve.gateway.auth import require_department
+from medserve.gateway.answers import Listing, ok
 from medserve.gateway.openapi import AUTHENTICATED, BODY, QUERY, REVIEW, error_responses
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
@@ -30,7 +31,10 @@ def _authorize_model(gateway: GatewayState, principal: Any):  # type: ignore[no-
     return check
 
 
-@router.get("/v1/reviews/pending", responses=error_responses(AUTHENTICATED, QUERY))
+LISTING_RESPONSES = {**ok(Listing), **error_responses(AUTHENTICATED, QUERY)}
+
+
+@router.get("/v1/reviews/pending", response_model=None, responses=LISTING_RESPONSES)
 async def pending(
     request: Request,
     model: str | None = Query(default=None, max_length=100, description="Only this model's results."),
@@ -47,7 +51,7 @@ async def pending(
     return {"object": "list", "data": await asyncio.to_thread(query)}
 
 
-@router.get("/v1/reviews/summary", responses=error_responses(AUTHENTICATED, QUERY))
+@router.get("/v1/reviews/summary", response_model=None, responses=LISTING_RESPONSES)
 async def summary(
     request: Request,
     model: str | None = Query(default=None, max_length=100, description="Only this model."),
