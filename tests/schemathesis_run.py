@@ -33,7 +33,7 @@ class Run:
         """The lines a person reads: operations, failures, test cases, the final tally."""
         keep = []
         for line in self.output.splitlines():
-            if re.match(r"\s*(Selected|Tested):|\s+\d+ generated|^=+ .* in [\d.]+s =+$|\s*❌|\s*🚫", line):
+            if re.match(r"\s*(Selected|Tested):|\s+\d+ generated|^=+ .* in [\d.]+s =+$|\s*(❌|🚫|⚠️)", line):
                 keep.append(line.strip().strip("=").strip())
         return f"{self.role}: " + "; ".join(keep)
 
@@ -56,6 +56,7 @@ def run_schemathesis(base_url: str, key: str, role: str, *, max_examples: int, w
         "--max-examples", str(max_examples),
         "--workers", "1",
         "--request-timeout", "60",
+        "--wait-for-schema", "60",
         "-H", f"Authorization: Bearer {key}",
         "--no-color",
     ]

@@ -16,6 +16,7 @@ import jsonschema
 import orjson
 import pytest
 import uvicorn
+from pydantic import ValidationError
 
 from medserve.errors import (
     AuthenticationError,
@@ -31,6 +32,7 @@ from medserve.errors import (
 from medserve.gateway.app import create_app
 from medserve.gateway.errors import error_response
 from medserve.gateway.openapi import BEARER, error_responses, error_schema
+from medserve.protocols.oip import MAX_ELEMENTS, InferRequest
 from medserve.security.roles import PUBLIC, ROUTE_PERMISSIONS
 
 from ..schemathesis_run import ROLES, run_schemathesis
@@ -215,3 +217,24 @@ def test_real_answers_of_each_kind_match_their_documented_schemas(tmp_path: Path
     assert audit_page["data"], "the audit page should hold the calls above"
     for method, template, response in calls:
         _check_against_document(document, method, template, response)
+
+
+@pytest.mark.parametrize("shape", [[2**70], [2**40, 2**40], [MAX_ELEMENTS, 2], [-1, 4]])
+def test_tensor_shapes_the_fuzzer_found_are_refused_as_invalid_not_crashes(shape: list[int]):
+    """Shapes beyond int64, or whose int64 product wraps, were a 500 (numpy's OverflowError) or slipped through."""
+    tensor = {"name": "x", "shape": shape, "datatype": "FP32", "data": [0.5]}
+    with pytest.raises(ValidationError):
+        InferRequest.model_validate({"inputs": [tensor]})
+
+
+def test_queries_the_fuzzer_found_are_400_not_500(tmp_path: Path, database_url: str):
+    with gateway_client(tmp_path, database_url) as (client, _state):
+        auditor = {"Authorization": f"Bearer {make_key(database_url, 'auditor')}"}
+        admin = {"Authorization": f"Bearer {make_key(database_url, 'admin')}"}
+        huge_offset = client.get("/admin/audit", params={"offset": 2**63}, headers=auditor)
+        huge_window = client.get("/admin/models/brain-mri-tumour/comparison", params={"since_minutes": 4e46},
+                                 headers=admin)
+        number_as_time = client.get("/admin/audit", params={"until": "0.5"}, headers=auditor)
+    for response in (huge_offset, huge_window, number_as_time):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "invalid_request"

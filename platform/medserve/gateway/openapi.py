@@ -125,11 +125,12 @@ SERIES_INPUT: tuple[ErrorClass, ...] = (
 REVIEW: tuple[ErrorClass, ...] = (NotFoundError, AlreadyReviewedError, NotReviewableError)
 # Reading one model's registry entries.
 REGISTRY_READ: tuple[ErrorClass, ...] = (ModelNotFoundError,)
-# Changing the registry behind the admin routes.
-REGISTRY: tuple[ErrorClass, ...] = (
-    ModelNotFoundError, VersionNotFoundError, NotFoundError, VersionConflictError, StatusTransitionError,
-    VersionNotApprovedError, RolloutError,
-)
+# Registering a version: versions are immutable.
+REGISTER: tuple[ErrorClass, ...] = (VersionConflictError,)
+# A version's status change (an unknown action is a 404 not_found).
+STATUS_CHANGE: tuple[ErrorClass, ...] = (NotFoundError, ModelNotFoundError, VersionNotFoundError, StatusTransitionError)
+# Pointing an alias, rolling out, promoting, rolling back (the model must be deployed and follow an alias).
+ROLLOUT: tuple[ErrorClass, ...] = (ModelNotFoundError, VersionNotFoundError, VersionNotApprovedError, RolloutError)
 
 # Headers the one HTTP mapping (gateway/errors.py) adds, by status.
 _HEADERS: dict[int, dict[str, Any]] = {

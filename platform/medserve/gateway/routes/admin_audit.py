@@ -25,6 +25,9 @@ from medserve.security.pseudonyms import pseudonymize
 
 router = APIRouter(tags=["audit"])
 
+# The largest offset both databases take (SQLite and PostgreSQL offsets are 64-bit; a larger one was a 500).
+MAX_OFFSET = 2**53 - 1
+
 
 def _json_value(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
@@ -63,7 +66,7 @@ async def list_audit(
                               json_schema_extra={"format": "date-time"}),
     patient: str | None = Query(None, max_length=200, description="Clear patient id; pseudonymised server-side."),
     limit: int = Query(100, ge=1, le=1000, description="Page size."),
-    offset: int = Query(0, ge=0, description="Rows to skip (newest first)."),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Rows to skip (newest first)."),
     gateway: GatewayState = Depends(get_gateway),
 ) -> dict[str, Any]:
     principal = await gateway.principal(request)

@@ -18,7 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.db.engine import session_scope
 from medserve.errors import NotFoundError, RolloutError
-from medserve.gateway.openapi import AUTHENTICATED, BODY, QUERY, REGISTRY, REGISTRY_READ, error_responses
+from medserve.gateway.openapi import (
+    AUTHENTICATED,
+    BODY,
+    QUERY,
+    REGISTER,
+    REGISTRY_READ,
+    ROLLOUT,
+    STATUS_CHANGE,
+    error_responses,
+)
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body
 from medserve.registry import admin, lifecycle
 from medserve.security.api_keys import Principal
@@ -74,7 +83,7 @@ async def list_versions(name: str, request: Request, gateway: GatewayState = Dep
     return {"versions": await asyncio.to_thread(admin.list_versions, gateway.database_url, name)}
 
 
-@router.post("/versions", status_code=201, responses=error_responses(AUTHENTICATED, BODY, REGISTRY),
+@router.post("/versions", status_code=201, responses=error_responses(AUTHENTICATED, BODY, REGISTER),
              openapi_extra=json_body_schema(DeploymentSpec))
 async def register(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     """Register the version a deployment spec (JSON) names."""
@@ -83,7 +92,7 @@ async def register(request: Request, gateway: GatewayState = Depends(get_gateway
     return await asyncio.to_thread(admin.register_from_spec, gateway.database_url, spec, _by(principal))
 
 
-@router.post("/{name}/versions/{version}/{action}", responses=error_responses(AUTHENTICATED, REGISTRY))
+@router.post("/{name}/versions/{version}/{action}", responses=error_responses(AUTHENTICATED, STATUS_CHANGE))
 async def change_status(
     name: str, version: str, request: Request,
     action: str = Path(description="The status change.", json_schema_extra={"enum": sorted(STATUS_ACTIONS)}),
@@ -99,7 +108,7 @@ async def change_status(
     )
 
 
-@router.put("/{name}/aliases/{alias}", responses=error_responses(AUTHENTICATED, BODY, REGISTRY),
+@router.put("/{name}/aliases/{alias}", responses=error_responses(AUTHENTICATED, BODY, ROLLOUT),
             openapi_extra=json_body_schema(AliasRequest))
 async def set_alias(name: str, alias: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
@@ -108,7 +117,7 @@ async def set_alias(name: str, alias: str, request: Request, gateway: GatewaySta
     return {"model": name, "alias": alias, "version": body.version}
 
 
-@router.post("/{name}/rollout", responses=error_responses(AUTHENTICATED, BODY, REGISTRY),
+@router.post("/{name}/rollout", responses=error_responses(AUTHENTICATED, BODY, ROLLOUT),
              openapi_extra=json_body_schema(RolloutRequest))
 async def start_rollout(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
@@ -125,7 +134,7 @@ async def start_rollout(name: str, request: Request, gateway: GatewayState = Dep
             "note": "the candidate takes traffic once its application runs (medserve apply)"}
 
 
-@router.post("/{name}/promote", responses=error_responses(AUTHENTICATED, BODY, REGISTRY),
+@router.post("/{name}/promote", responses=error_responses(AUTHENTICATED, BODY, ROLLOUT),
              openapi_extra=json_body_schema(PromoteRequest))
 async def promote(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
@@ -150,7 +159,7 @@ async def promote(name: str, request: Request, gateway: GatewayState = Depends(g
     return {"model": name, "alias": alias, "version": body.version}
 
 
-@router.post("/{name}/rollback", responses=error_responses(AUTHENTICATED, REGISTRY))
+@router.post("/{name}/rollback", responses=error_responses(AUTHENTICATED, ROLLOUT))
 async def rollback(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     alias = _alias_of(gateway, name)
