@@ -36,7 +36,7 @@ from medserve.protocols.oip import MAX_ELEMENTS, InferRequest
 from medserve.security.roles import PUBLIC, ROUTE_PERMISSIONS
 
 from ..schemathesis_run import ROLES, run_schemathesis
-from .fake_gateway import gateway_client, make_key
+from .fake_gateway import CannedGateway, gateway_client, make_key
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
@@ -176,16 +176,43 @@ def _check_against_document(document: dict[str, Any], method: str, template: str
     media = response.headers["content-type"].split(";")[0].strip()
     assert media in entry["content"], (method, template, media)
     schema = entry["content"][media]["schema"]
-    jsonschema.validate(response.json(), {**schema, "components": document["components"]})
+    body = response.text if media == "text/event-stream" else response.json()
+    jsonschema.validate(body, {**schema, "components": document["components"]})
     for name, header in entry.get("headers", {}).items():
         assert not header.get("required") or name in response.headers, (method, template, name)
+
+
+class _CannedStream:
+    """What a streaming replica handle's call returns: events, then the end (engine boundary, as CannedGateway)."""
+
+    def __init__(self) -> None:
+        self._events = iter([
+            {"type": "start", "prompt_tokens": 5},
+            {"type": "delta", "content": "ok", "reasoning": "", "tokens": 1},
+            {"type": "end", "prompt_tokens": 5, "completion_tokens": 1, "finish_reason": "stop"},
+        ])
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return next(self._events)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self) -> None:
+        pass
+
+
+class _StreamingGateway(CannedGateway):
+    def _stream_handle(self, entry: Any) -> Any:
+        call = type("Call", (), {"remote": staticmethod(lambda *args: _CannedStream())})
+        return type("Handle", (), {"generate_stream": call})()
 
 
 def test_real_answers_of_each_kind_match_their_documented_schemas(tmp_path: Path, database_url: str, mr_small_path):
     """Success bodies (which the fuzzer's drawn names rarely reach) and errors, from the real routes."""
     infer = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.5]}]}
     chat = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
-    with gateway_client(tmp_path, database_url) as (client, _state):
+    with gateway_client(tmp_path, database_url, state_class=_StreamingGateway) as (client, _state):
         document = client.get("/openapi.json").json()
         app = {"Authorization": f"Bearer {make_key(database_url, 'clinical-app')}", "X-Patient-Id": "MRN-1"}
         auditor = {"Authorization": f"Bearer {make_key(database_url, 'auditor')}"}
@@ -197,6 +224,8 @@ def test_real_answers_of_each_kind_match_their_documented_schemas(tmp_path: Path
              client.post("/v1/imaging/brain-mri-tumour", content=mr_small_path.read_bytes(), headers=dicom)),
             ("POST", "/v2/models/{name}/infer", client.post("/v2/models/brain-mri-tumour/infer", json=infer, headers=app)),
             ("POST", "/v1/chat/completions", client.post("/v1/chat/completions", json=chat, headers=app)),
+            ("POST", "/v1/chat/completions",
+             client.post("/v1/chat/completions", json={**chat, "stream": True}, headers=app)),
             ("GET", "/v1/pipelines", client.get("/v1/pipelines", headers=app)),
             ("GET", "/admin/audit", client.get("/admin/audit", headers=auditor)),
             ("GET", "/v1/reviews/pending", client.get("/v1/reviews/pending", headers=auditor)),
@@ -212,8 +241,11 @@ def test_real_answers_of_each_kind_match_their_documented_schemas(tmp_path: Path
             ("POST", "/v1/chat/completions", client.post("/v1/chat/completions", json={"model": 1}, headers=app)),
         ]
     statuses = [(template, response.status_code) for _, template, response in calls]
-    assert [status for _, status in statuses] == [200] * 10 + [401, 403, 404, 415, 400, 400], statuses
-    audit_page = calls[6][2].json()
+    assert [status for _, status in statuses] == [200] * 11 + [401, 403, 404, 415, 400, 400], statuses
+    audit_page = calls[7][2].json()
+    streamed = calls[5][2]
+    assert streamed.headers["content-type"].startswith("text/event-stream") and "data: [DONE]" in streamed.text
+    assert '"content":"ok"' in streamed.text.replace(" ", ""), streamed.text[:300]
     assert audit_page["data"], "the audit page should hold the calls above"
     for method, template, response in calls:
         _check_against_document(document, method, template, response)
