@@ -1,15 +1,12 @@
-"""Access control on a real Ray cluster: departments, rate limits, no patient data in logs, fuzzing.
+"""Access control on a real Ray cluster: departments, rate limits, no patient data in logs.
 
 The module applies a copy of the catalog once (the tumour model open to
-radiology only, SmolLM2 capped at a few output tokens for the fuzzer, a
+radiology only, SmolLM2 capped at a few output tokens, a
 per-key rate limit on the gateway) and restores the catalog afterwards.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,23 +104,3 @@ def test_no_patient_identifier_reaches_the_logs(restricted: Platform, mr_small_p
         data = path.read_bytes()
         leaks += [f"{path.name}: {value}" for value in (patient, encounter, clinician) if value.encode() in data]
     assert leaks == []
-
-
-@pytest.mark.slow
-def test_schemathesis_finds_no_server_errors(restricted: Platform, tmp_path):
-    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
-    if not Path(st).exists():
-        pytest.skip("schemathesis is not installed (pip install schemathesis)")
-    key = restricted.key("clinician")
-    result = subprocess.run(
-        [st, "run", f"{restricted.base_url}/openapi.json",
-         "--checks", "not_a_server_error,response_schema_conformance",
-         "--max-examples", "8", "--workers", "1", "--request-timeout", "60",
-         "--phases", "examples,coverage,fuzzing",
-         # schemathesis has no serializer for multipart/related (a DICOM series upload);
-         # that parser is fuzzed by the unit tests in tests/unit/test_series.py instead.
-         "--exclude-path", "/v1/pipelines/{name}/studies",
-         "-H", f"Authorization: Bearer {key}", "--no-color"],
-        capture_output=True, text=True, timeout=480, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from medserve import __version__
 from medserve.gateway.errors import install_error_handlers
 from medserve.gateway.fastpath import FastRoute, GatewayApp
+from medserve.gateway.openapi import install_openapi
 from medserve.gateway.routes import admin_audit, admin_models, chat, health, imaging, models, oip, pipelines, reviews
 from medserve.gateway.state import GatewayState, set_gateway
 
@@ -27,6 +28,7 @@ def create_app() -> FastAPI:
         description="Authenticated, audited access to the hospital's models.",
     )
     install_error_handlers(app)
+    install_openapi(app)
     # Hot routes first: Ray Serve names each request's route for its metrics by
     # scanning the app's routes in order, before the app itself runs.
     for module in (imaging, oip, chat, models, health, pipelines, reviews, admin_audit, admin_models):

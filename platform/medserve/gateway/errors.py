@@ -33,8 +33,9 @@ logger = logging.getLogger("medserve.gateway")
 # What the framework's own HTTP errors (unknown route, wrong method) say.
 ROUTE_UNAVAILABLE = "Not available."
 
-# Headers some errors add, so clients know when to come back.
-RETRY_AFTER_SECONDS = {503: "1"}
+# Every 429 and 503 says when to come back (the OpenAPI document promises it); an error's own
+# details.retry_after_s, when it has one, replaces the default.
+RETRY_AFTER_SECONDS = {429: "1", 503: "1"}
 
 
 def error_response(error: MedserveError) -> JSONResponse:
@@ -64,7 +65,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         # The framework's own 404s and 405s say no more than "Not available." (no route names).
         typed = {404: NotFoundError, 405: MethodNotAllowedError}.get(error.status_code, FrameworkHTTPError)
-        return JSONAnswer(typed(ROUTE_UNAVAILABLE).to_payload(), status_code=error.status_code)
+        # The framework's headers stay: a 405 names the methods the route has (Allow, RFC 9110).
+        return JSONAnswer(typed(ROUTE_UNAVAILABLE).to_payload(), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ChatMessage(BaseModel):
@@ -28,6 +28,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with token usage (choices empty).")
 
 
+StopSequence = Annotated[str, Field(min_length=1)]
+StopSequences = Annotated[list[StopSequence], Field(max_length=4)]
+
+
 class GenerationRequest(BaseModel):
     """What chat and text completions share: sampling, limits and streaming."""
 
@@ -37,21 +41,15 @@ class GenerationRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate (capped per model).")
     temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(default=None, description="Up to 4 sequences that end generation.")
+    # The bounds are in the types (not only in a validator) so the published JSON schema states them.
+    stop: StopSequence | StopSequences | None = Field(
+        default=None, description="Up to 4 non-empty sequences that end generation."
+    )
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
     stream: bool = Field(default=False, description="Answer as server-sent events (text/event-stream).")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options (stream only).")
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
     user: str | None = Field(default=None, description="Accepted for compatibility; not stored.")
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and (len(value) > 4 or any(not item for item in value)):
-            raise ValueError("at most 4 non-empty stop sequences")
-        if value == "":
-            raise ValueError("stop sequences must not be empty")
-        return value
 
     def asked_tokens(self) -> int | None:
         return self.max_tokens
@@ -88,15 +86,11 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] = Field(description="The text to continue (one prompt; a list must hold exactly one).")
+    # One prompt: a list must hold exactly one (in the type, so the published JSON schema says so).
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="The text to continue (one prompt; a list must hold exactly one)."
+    )
     max_tokens: int | None = Field(default=16, ge=1, description="Most tokens to generate (OpenAI default 16).")
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported")
-        return value
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -13,12 +13,22 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.db.engine import session_scope
 from medserve.errors import NotFoundError, RolloutError
-from medserve.gateway.state import GatewayState, get_gateway, parse_json_body
+from medserve.gateway.openapi import (
+    AUTHENTICATED,
+    BODY,
+    QUERY,
+    REGISTER,
+    REGISTRY_READ,
+    ROLLOUT,
+    STATUS_CHANGE,
+    error_responses,
+)
+from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body
 from medserve.registry import admin, lifecycle
 from medserve.security.api_keys import Principal
 from medserve.specs import DeploymentSpec
@@ -26,6 +36,8 @@ from medserve.specs import DeploymentSpec
 router = APIRouter(prefix="/admin/models", tags=["admin"])
 
 STATUS_ACTIONS = {"validate": "validated", "approve": "approved", "retire": "retired"}
+# Ten years: far beyond any audit window, and well inside what a datetime can subtract.
+MAX_SINCE_MINUTES = 10 * 366 * 24 * 60
 
 
 class RolloutRequest(BaseModel):
@@ -59,19 +71,20 @@ def _by(principal: Principal) -> str:
     return f"{principal.name} ({principal.key_id})"
 
 
-@router.get("")
+@router.get("", responses=error_responses(AUTHENTICATED))
 async def list_models(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     await gateway.principal(request)
     return {"models": await asyncio.to_thread(admin.list_models, gateway.database_url)}
 
 
-@router.get("/{name}/versions")
+@router.get("/{name}/versions", responses=error_responses(AUTHENTICATED, REGISTRY_READ))
 async def list_versions(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     await gateway.principal(request)
     return {"versions": await asyncio.to_thread(admin.list_versions, gateway.database_url, name)}
 
 
-@router.post("/versions", status_code=201)
+@router.post("/versions", status_code=201, responses=error_responses(AUTHENTICATED, BODY, REGISTER),
+             openapi_extra=json_body_schema(DeploymentSpec))
 async def register(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     """Register the version a deployment spec (JSON) names."""
     principal = await gateway.principal(request)
@@ -79,9 +92,10 @@ async def register(request: Request, gateway: GatewayState = Depends(get_gateway
     return await asyncio.to_thread(admin.register_from_spec, gateway.database_url, spec, _by(principal))
 
 
-@router.post("/{name}/versions/{version}/{action}")
+@router.post("/{name}/versions/{version}/{action}", responses=error_responses(AUTHENTICATED, STATUS_CHANGE))
 async def change_status(
-    name: str, version: str, action: str, request: Request,
+    name: str, version: str, request: Request,
+    action: str = Path(description="The status change.", json_schema_extra={"enum": sorted(STATUS_ACTIONS)}),
     gateway: GatewayState = Depends(get_gateway),
 ) -> dict[str, Any]:
     # action is checked after authentication (a typed path parameter would
@@ -94,7 +108,8 @@ async def change_status(
     )
 
 
-@router.put("/{name}/aliases/{alias}")
+@router.put("/{name}/aliases/{alias}", responses=error_responses(AUTHENTICATED, BODY, ROLLOUT),
+            openapi_extra=json_body_schema(AliasRequest))
 async def set_alias(name: str, alias: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     body = parse_json_body(AliasRequest, await gateway.read_body(request))
@@ -102,7 +117,8 @@ async def set_alias(name: str, alias: str, request: Request, gateway: GatewaySta
     return {"model": name, "alias": alias, "version": body.version}
 
 
-@router.post("/{name}/rollout")
+@router.post("/{name}/rollout", responses=error_responses(AUTHENTICATED, BODY, ROLLOUT),
+             openapi_extra=json_body_schema(RolloutRequest))
 async def start_rollout(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     body = parse_json_body(RolloutRequest, await gateway.read_body(request))
@@ -118,7 +134,8 @@ async def start_rollout(name: str, request: Request, gateway: GatewayState = Dep
             "note": "the candidate takes traffic once its application runs (medserve apply)"}
 
 
-@router.post("/{name}/promote")
+@router.post("/{name}/promote", responses=error_responses(AUTHENTICATED, BODY, ROLLOUT),
+             openapi_extra=json_body_schema(PromoteRequest))
 async def promote(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     body = parse_json_body(PromoteRequest, await gateway.read_body(request))
@@ -142,7 +159,7 @@ async def promote(name: str, request: Request, gateway: GatewayState = Depends(g
     return {"model": name, "alias": alias, "version": body.version}
 
 
-@router.post("/{name}/rollback")
+@router.post("/{name}/rollback", responses=error_responses(AUTHENTICATED, ROLLOUT))
 async def rollback(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     alias = _alias_of(gateway, name)
@@ -155,16 +172,18 @@ async def rollback(name: str, request: Request, gateway: GatewayState = Depends(
     return {"model": name, "action": result.action, "version": result.version}
 
 
-@router.get("/{name}/history")
+@router.get("/{name}/history", responses=error_responses(AUTHENTICATED, REGISTRY_READ))
 async def history(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     await gateway.principal(request)
     return {"events": await asyncio.to_thread(admin.model_history, gateway.database_url, name)}
 
 
-@router.get("/{name}/comparison")
+@router.get("/{name}/comparison", responses=error_responses(AUTHENTICATED, QUERY, REGISTRY_READ))
 async def comparison(
     name: str, request: Request, gateway: GatewayState = Depends(get_gateway),
-    since_minutes: float | None = Query(default=None, gt=0),
+    since_minutes: float | None = Query(
+        default=None, gt=0, le=MAX_SINCE_MINUTES, description="Compare the last N minutes."
+    ),
 ) -> dict[str, Any]:
     await gateway.principal(request)
     return await asyncio.to_thread(admin.comparison_report, gateway.database_url, name, since_minutes)

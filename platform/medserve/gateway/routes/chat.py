@@ -22,6 +22,7 @@ from medserve.catalog import CatalogEntry
 from medserve.digests import sha256_hex
 from medserve.errors import MedserveError
 from medserve.gateway.audit_scope import AuditScope
+from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, LLM_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.sse import DONE, EventStreamResponse, sse_event
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
@@ -41,12 +42,21 @@ Kind = Literal["chat", "completion"]
 REQUEST_MODELS: dict[str, type[GenerationRequest]] = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
 
 
-@router.post("/v1/chat/completions", openapi_extra=json_body_schema(ChatCompletionRequest))
+def _responses(answer: type) -> dict[int | str, dict[str, Any]]:
+    """The whole answer (JSON) or, with ``stream: true``, server-sent events; and every error."""
+    ok = {"description": "The answer: whole (JSON), or streamed as server-sent events (`stream: true`).",
+          "model": answer, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return {200: ok, **error_responses(AUTHENTICATED, AUDITED, BODY, MODEL_CALL, LLM_INPUT)}
+
+
+@router.post("/v1/chat/completions", responses=_responses(ChatCompletionResponse),
+             openapi_extra=json_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
     return await _answer(request, gateway, "chat")
 
 
-@router.post("/v1/completions", openapi_extra=json_body_schema(CompletionRequest))
+@router.post("/v1/completions", responses=_responses(CompletionResponse),
+             openapi_extra=json_body_schema(CompletionRequest))
 async def completions(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
     return await _answer(request, gateway, "completion")
 

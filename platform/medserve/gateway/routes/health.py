@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from medserve.db.engine import get_engine
+from medserve.gateway.openapi import GATEWAY, error_responses, error_schema
 from medserve.gateway.state import GatewayState, get_gateway
 
 router = APIRouter(tags=["health"])
@@ -25,7 +26,17 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        **error_responses(GATEWAY),
+        503: {"description": "Not ready (the readiness body says why), or the replica is still starting "
+              "(`model_unavailable`).",
+              "content": {"application/json": {"schema": {"anyOf": [
+                  {"type": "object", "required": ["status", "reasons"]}, error_schema(["model_unavailable"]),
+              ]}}}},
+    },
+)
 async def readyz(gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
     def ping() -> None:
         with get_engine(gateway.database_url).connect() as connection:

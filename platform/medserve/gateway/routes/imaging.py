@@ -5,6 +5,8 @@ from fastapi.responses import JSONResponse
 
 from medserve.digests import sha256_hex
 from medserve.errors import UnsupportedMediaTypeError
+from medserve.gateway.answers import ImagingAnswer, ok
+from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, IMAGE_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
 
@@ -16,6 +18,7 @@ ROUTE = "/v1/imaging/{name}"
 
 @router.post(
     ROUTE,
+    responses={**ok(ImagingAnswer), **error_responses(AUTHENTICATED, AUDITED, MODEL_CALL, BODY, IMAGE_INPUT)},
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -6,12 +6,14 @@ from fastapi import APIRouter, Depends, Request
 
 from medserve.errors import OperationNotSupportedError
 from medserve.gateway.auth import require_department
+from medserve.gateway.answers import ModelListing, ok
+from medserve.gateway.openapi import AUTHENTICATED, MODEL_ANSWER, MODEL_LOOKUP, error_responses
 from medserve.gateway.state import GatewayState, get_gateway
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses={**ok(ModelListing), **error_responses(AUTHENTICATED)})
 async def list_models(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     entries = [await gateway.primary(entry) for entry in gateway.catalog.entries()]
@@ -31,7 +33,7 @@ async def list_models(request: Request, gateway: GatewayState = Depends(get_gate
     return {"object": "list", "data": data}
 
 
-@router.get("/v2/models/{name}", tags=["oip-v2"])
+@router.get("/v2/models/{name}", tags=["oip-v2"], responses=error_responses(AUTHENTICATED, MODEL_LOOKUP, MODEL_ANSWER))
 async def model_metadata(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     principal = await gateway.principal(request)
     entry = await gateway.primary(gateway.catalog.get(name))

@@ -6,6 +6,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from medserve.digests import sha256_hex
+from medserve.gateway.answers import InferAnswer, ok
+from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, IMAGE_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
 from medserve.protocols.oip import InferRequest
@@ -15,7 +17,11 @@ router = APIRouter(tags=["oip-v2"])
 ROUTE = "/v2/models/{name}/infer"
 
 
-@router.post(ROUTE, openapi_extra=json_body_schema(InferRequest))
+@router.post(
+    ROUTE,
+    responses={**ok(InferAnswer), **error_responses(AUTHENTICATED, AUDITED, MODEL_CALL, BODY, IMAGE_INPUT)},
+    openapi_extra=json_body_schema(InferRequest),
+)
 async def infer(name: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> JSONResponse:
     return await infer_tensors(gateway, name, request)
 

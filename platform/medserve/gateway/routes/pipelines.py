@@ -23,6 +23,8 @@ from medserve.db.models import utcnow
 from medserve.digests import sha256_hex
 from medserve.errors import MedserveError, ModelNotFoundError, ModelUnavailableError, PipelineNotFoundError
 from medserve.gateway.auth import require_department
+from medserve.gateway.answers import Listing, ok
+from medserve.gateway.openapi import AUDITED, AUTHENTICATED, SERIES_INPUT, error_responses
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, parse_json_body, provenance_headers
 from medserve.imaging.multipart import parse_series_upload
@@ -73,6 +75,13 @@ async def _run_step(
 
 @router.post(
     "/v1/pipelines/{name}/studies",
+    responses={
+        200: {"description": "The draft report: medserve JSON, or, when `Accept` names application/fhir+json, "
+                             "a FHIR R4 DiagnosticReport with its Devices and Observations contained.",
+              "content": {"application/json": {"schema": {"type": "object"}},
+                          FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType"]}}}},
+        **error_responses(AUTHENTICATED, AUDITED, SERIES_INPUT),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -115,7 +124,7 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
     return JSONAnswer(report, headers=headers)
 
 
-@router.get("/v1/pipelines")
+@router.get("/v1/pipelines", response_model=None, responses={**ok(Listing), **error_responses(AUTHENTICATED)})
 async def list_pipelines(request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
     """Pipelines this key may run, with their steps."""
     principal = await gateway.principal(request)

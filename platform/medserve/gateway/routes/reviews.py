@@ -6,11 +6,13 @@ import asyncio
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from medserve.db.engine import session_scope
 from medserve.errors import ModelNotFoundError, NotFoundError
 from medserve.gateway.auth import require_department
+from medserve.gateway.answers import Listing, ok
+from medserve.gateway.openapi import AUTHENTICATED, BODY, QUERY, REVIEW, error_responses
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
 from medserve.security.pseudonyms import pseudonymize_headers
@@ -29,8 +31,56 @@ def _authorize_model(gateway: GatewayState, principal: Any):  # type: ignore[no-
     return check
 
 
-@router.post("/v1/reviews/{inference_id}", openapi_extra=json_body_schema(ReviewRequest))
-async def review(inference_id: str, request: Request, gateway: GatewayState = Depends(get_gateway)) -> dict[str, Any]:
+LISTING_RESPONSES = {**ok(Listing), **error_responses(AUTHENTICATED, QUERY)}
+
+
+@router.get("/v1/reviews/pending", response_model=None, responses=LISTING_RESPONSES)
+async def pending(
+    request: Request,
+    model: str | None = Query(default=None, max_length=100, description="Only this model's results."),
+    limit: int = Query(default=100, ge=1, le=1000, description="Most results returned, oldest first."),
+    gateway: GatewayState = Depends(get_gateway),
+) -> dict[str, Any]:
+    """Answered imaging results nobody has signed off yet (clinicians and auditors)."""
+    await gateway.principal(request)
+
+    def query() -> list[dict[str, Any]]:
+        with session_scope(gateway.database_url) as session:
+            return pending_results(session, model, limit)
+
+    return {"object": "list", "data": await asyncio.to_thread(query)}
+
+
+@router.get("/v1/reviews/summary", response_model=None, responses=LISTING_RESPONSES)
+async def summary(
+    request: Request,
+    model: str | None = Query(default=None, max_length=100, description="Only this model."),
+    gateway: GatewayState = Depends(get_gateway),
+) -> dict[str, Any]:
+    """Per model and version: results, reviews by decision, pending, override rate."""
+    await gateway.principal(request)
+
+    def query() -> list[dict[str, Any]]:
+        with session_scope(gateway.database_url) as session:
+            return override_summary(session, model)
+
+    return {"object": "list", "data": await asyncio.to_thread(query)}
+
+
+# Declared after the fixed /v1/reviews/... paths, so a request for one of those with another method is
+# answered 405 with their Allow, not routed here as an inference id.
+@router.post(
+    "/v1/reviews/{inference_id}",
+    responses=error_responses(AUTHENTICATED, BODY, REVIEW),
+    openapi_extra=json_body_schema(ReviewRequest),
+)
+async def review(
+    request: Request,
+    # A plain string checked after authentication (a typed UUID would answer an anonymous caller with a
+    # validation error instead of 401); the document states the format, and any other id is a 404.
+    inference_id: str = Path(description="The result's inference_id.", json_schema_extra={"format": "uuid"}),
+    gateway: GatewayState = Depends(get_gateway),
+) -> dict[str, Any]:
     """Sign off one result (its inference_id): accept, edit with the corrected finding, or reject; once."""
     principal = await gateway.principal(request)
     try:
@@ -49,36 +99,3 @@ async def review(inference_id: str, request: Request, gateway: GatewayState = De
             )
 
     return await asyncio.to_thread(store)
-
-
-@router.get("/v1/reviews/pending")
-async def pending(
-    request: Request,
-    model: str | None = Query(default=None, max_length=100, description="Only this model's results."),
-    limit: int = Query(default=100, ge=1, le=1000, description="Most results returned, oldest first."),
-    gateway: GatewayState = Depends(get_gateway),
-) -> dict[str, Any]:
-    """Answered imaging results nobody has signed off yet (clinicians and auditors)."""
-    await gateway.principal(request)
-
-    def query() -> list[dict[str, Any]]:
-        with session_scope(gateway.database_url) as session:
-            return pending_results(session, model, limit)
-
-    return {"object": "list", "data": await asyncio.to_thread(query)}
-
-
-@router.get("/v1/reviews/summary")
-async def summary(
-    request: Request,
-    model: str | None = Query(default=None, max_length=100, description="Only this model."),
-    gateway: GatewayState = Depends(get_gateway),
-) -> dict[str, Any]:
-    """Per model and version: results, reviews by decision, pending, override rate."""
-    await gateway.principal(request)
-
-    def query() -> list[dict[str, Any]]:
-        with session_scope(gateway.database_url) as session:
-            return override_summary(session, model)
-
-    return {"object": "list", "data": await asyncio.to_thread(query)}
