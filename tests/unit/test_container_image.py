@@ -31,9 +31,9 @@ def containerfile_arg(name: str) -> str:
     return value
 
 
-def pod_images(docs: list[dict]) -> dict[str, set[str]]:
-    """Images of every pod the chart renders: control plane, Ray head and workers, migration hook."""
-    found: dict[str, set[str]] = {}
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    """Every pod the chart renders: control plane, Ray head and workers, migration hook."""
+    found: list[tuple[str, dict]] = []
     for doc in docs:
         spec = doc.get("spec") or {}
         templates = []
@@ -43,8 +43,14 @@ def pod_images(docs: list[dict]) -> dict[str, set[str]]:
             cluster = spec["rayClusterConfig"]
             templates.append(cluster["headGroupSpec"]["template"]["spec"])
             templates += [group["template"]["spec"] for group in cluster.get("workerGroupSpecs", [])]
-        for pod in templates:
-            found.setdefault(doc["kind"], set()).update(c["image"] for c in pod["containers"])
+        found += [(doc["kind"], pod) for pod in templates]
+    return found
+
+
+def pod_images(docs: list[dict]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for kind, pod in pod_specs(docs):
+        found.setdefault(kind, set()).update(c["image"] for c in pod["containers"])
     return found
 
 
@@ -84,6 +90,10 @@ def test_the_image_runs_as_the_charts_user():
     assert security["runAsNonRoot"] is True
     # The chart's writable paths are /tmp (and /dev/shm): the image keeps its state there.
     assert "MEDSERVE_HOME=/tmp/medserve" in runtime_stage and "HOME=/tmp" in runtime_stage
+    for kind, pod in pod_specs(render()):
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, (kind, container["name"])
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], (kind, container["name"])
 
 
 def test_lock_file_satisfies_pyproject():
