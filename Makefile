@@ -122,7 +122,8 @@ IMAGE_BUILD = $(NICE) $(CONTAINER) build $(IMAGE_BUILD_FLAGS) -f Containerfile \
 	--build-arg LLAMA_CPP_PYTHON='$(LLAMA_CPP_PYTHON)' \
 	--build-arg CMAKE_ARGS='$(CMAKE_ARGS)' \
 	--build-arg EXTRAS=$(IMAGE_EXTRAS) \
-	--build-arg VERSION=$(IMAGE_TAG)
+	--build-arg VERSION=$(IMAGE_TAG) \
+	$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL))
 
 image-name:
 	@echo $(IMAGE)
@@ -146,14 +147,14 @@ image: image-base
 	@mkdir -p $(LLAMA_WHEEL_DIR)
 	@rm -rf .cache/image/build-ca && mkdir -p .cache/image/build-ca
 	@for ca in $(BUILD_CA_CERTS); do cp "$$ca" .cache/image/build-ca/; done
-	$(IMAGE_BUILD) -t $(IMAGE) .
-	@# Keep the compiled llama-cpp-python wheel for the next build (the stage is cached: no rebuild).
+	@# llama-cpp-python first, alone: the compiled wheel is kept in LLAMA_WHEEL_DIR for every later build.
 	@if ! ls $(LLAMA_WHEEL_DIR)/*.whl >/dev/null 2>&1; then \
-	  $(IMAGE_BUILD) --target llama-wheel -t localhost/medserve-llama-wheel:build . >/dev/null && \
+	  $(IMAGE_BUILD) --target llama-wheel -t localhost/medserve-llama-wheel:build . && \
 	  cid=$$($(CONTAINER) create localhost/medserve-llama-wheel:build true) && \
 	  $(CONTAINER) cp $$cid:/wheels/. $(LLAMA_WHEEL_DIR)/ && $(CONTAINER) rm $$cid >/dev/null && \
 	  echo "llama-cpp-python wheel kept in $(LLAMA_WHEEL_DIR)"; \
 	fi
+	$(IMAGE_BUILD) --target runtime -t $(IMAGE) .
 	@size=$$($(CONTAINER) image inspect --format '{{.Size}}' $(IMAGE)); \
 	  echo "image: $(IMAGE)  size: $$((size / 1000000)) MB"
 

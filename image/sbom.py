@@ -42,8 +42,9 @@ def debian_components() -> list[dict[str, object]]:
 
 def summary(bom: dict) -> str:
     components = bom.get("components", [])
-    python = [c for c in components if str(c.get("purl", "")).startswith("pkg:pypi/")]
     debian = [c for c in components if str(c.get("purl", "")).startswith("pkg:deb/")]
+    # Python packages: cyclonedx-py's components (no purl for llama-cpp-python: built here, not PyPI's file).
+    python = [c for c in components if c not in debian and c["type"] != "operating-system"]
     subject = bom["metadata"]["component"]
     lines = [f"CycloneDX {bom['specVersion']} SBOM of {subject['name']}:{subject['version']}: "
              f"{len(python)} Python packages, {len(debian)} Debian packages"]
