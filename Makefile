@@ -133,7 +133,9 @@ print-%:
 	@echo '$($*)'
 
 image-base:
+	@command -v $(CONTAINER) >/dev/null || { echo "$(CONTAINER) not found: apt-get install podman buildah mmdebstrap"; exit 1; }
 ifeq ($(IMAGE_BASE),)
+	@command -v mmdebstrap >/dev/null || { echo "mmdebstrap not found: apt-get install mmdebstrap (or set IMAGE_BASE)"; exit 1; }
 	@mkdir -p $(dir $(BASE_TARBALL))
 	@if ! $(CONTAINER) image inspect $(LOCAL_BASE) >/dev/null 2>&1; then \
 	  test -s $(BASE_TARBALL) || $(NICE) mmdebstrap --mode=$(MMDEBSTRAP_MODE) --variant=minbase \
