@@ -2,6 +2,8 @@
 #   make up    install into .venv and serve the catalog on local Ray + SQLite
 #   make test  install (with dev tools) and run the whole suite
 # Both are idempotent: the install step re-runs only when pyproject.toml changes.
+# make image / make sbom / make image-test: the container image the Helm chart
+# runs, its SBOM and its test (docs/container-image.md).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -167,7 +169,7 @@ sbom: image
 	$(IMAGE_BUILD) --build-arg IMAGE_REFERENCE=$(IMAGE) --target sbom -t localhost/medserve-sbom:$(IMAGE_TAG) .
 	@cid=$$($(CONTAINER) create localhost/medserve-sbom:$(IMAGE_TAG) true) && \
 	  $(CONTAINER) cp $$cid:/sbom/medserve-image.cdx.json $(SBOM) && $(CONTAINER) rm $$cid >/dev/null
-	@python3 image/sbom.py --summary $(SBOM)
+	@$(PYTHON) image/sbom.py --summary $(SBOM)
 	@echo "SBOM (validated in the build against the CycloneDX 1.6 schema): $(SBOM)"
 
 # Runs the image (uid 1000, read-only root) and checks an audited chat
