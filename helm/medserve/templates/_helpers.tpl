@@ -128,6 +128,8 @@ spec:
         {{- toYaml $resources | nindent 8 }}
       securityContext:
         {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+        # The image writes only to /tmp and /dev/shm (tests/image checks it, as uid 1000).
+        readOnlyRootFilesystem: true
       volumeMounts:
         - name: tmp
           mountPath: /tmp
