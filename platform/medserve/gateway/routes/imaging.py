@@ -1,5 +1,7 @@
 """One DICOM instance or PNG in, JSON findings out (always a draft for clinician review)."""
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -7,6 +9,7 @@ from medserve.digests import sha256_hex
 from medserve.errors import UnsupportedMediaTypeError
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
+from medserve.reviews.results import result_row, store_result
 
 router = APIRouter(tags=["imaging"])
 
@@ -50,4 +53,8 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
             "status": "draft",
             **result,
         }
+        if entry.review.store_output:  # the policy keeps the findings for GET /v1/reports/{id}
+            stored = result_row(audit.id, audit.operation, entry, audit.principal, review_required=True,
+                                content_sha256=audit.output_sha256, document={"findings": result.get("findings")})
+            await asyncio.to_thread(store_result, gateway.database_url, stored)
     return JSONAnswer(payload, headers=provenance_headers(inference_id, entry, audit.landed))
