@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from fhir.resources.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from sqlalchemy import select
 
 from medserve.cli.main import cli
