@@ -221,3 +221,20 @@ def test_pipeline_report_status_follows_its_steps_reviews():
     assert _status_of_steps([reject, reject]) == "entered-in-error"
     assert _status_of_steps([accept, edit]) == _status_of_steps([accept, reject]) == "amended"
     assert _status_of_steps([]) == "cancelled"
+
+
+def test_a_pending_result_the_database_cannot_take_withholds_the_answer_a_report_does_not(tmp_path, repo_root):
+    import asyncio
+    import uuid
+
+    from medserve.controlplane.render import catalog_entry
+    from medserve.errors import DatabaseUnavailableError
+    from medserve.reviews.results import keep_result, result_row
+
+    unmigrated = f"sqlite:///{tmp_path / 'no-tables.db'}"  # a real database that refuses the insert
+    entry = catalog_entry(_llm_spec(repo_root / "deployments", required=True))
+    row = result_row(uuid.uuid4(), "chat.completions", entry, None, review_required=True, content_sha256="0" * 64)
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        asyncio.run(keep_result(unmigrated, row, required=True, timeout_s=5))
+    assert caught.value.http_status == 503
+    assert asyncio.run(keep_result(unmigrated, row, required=False, timeout_s=5)) is False

@@ -18,23 +18,33 @@ once ``retention_days`` have passed (readers never show them after that, and
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 
 from medserve.catalog import CatalogEntry
 from medserve.db.engine import session_scope
 from medserve.db.models import StoredResult, utcnow
+from medserve.errors import DatabaseUnavailableError
 from medserve.security.api_keys import Principal
+
+logger = logging.getLogger("medserve.reviews")
 
 LLM_OPERATIONS = ("chat.completions", "completions")
 # How often a writing gateway process clears expired texts as it stores new ones.
 PRUNE_EVERY_S = 600.0
 _last_prune = {"at": 0.0}
+# Stores run on threads of their own: a database that hangs (paused, not refusing) holds these, never the
+# default executor that series assembly and the other routes share.
+_STORE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medserve-results")
 _prune_lock = threading.Lock()
 
 
@@ -97,6 +107,27 @@ def store_result(database_url: str, row: dict[str, Any]) -> None:
             prune_expired(database_url)
         finally:
             _prune_lock.release()
+
+
+async def keep_result(database_url: str, row: dict[str, Any], *, required: bool, timeout_s: float) -> bool:
+    """Store a row from the event loop, waiting at most ``timeout_s``.
+
+    required (a pending result): a failure withholds the answer (503 database_unavailable, Retry-After), so
+    no answer that needs review escapes the queue. Otherwise (a pipeline report, kept findings): the answer
+    still goes out with its report, the audit row (spooled if need be) keeps its digest, and the failure is
+    logged; only fetching it again is lost.
+    """
+    try:
+        stored = asyncio.get_running_loop().run_in_executor(_STORE_THREADS, store_result, database_url, row)
+        await asyncio.wait_for(stored, timeout_s)
+        return True
+    except (asyncio.TimeoutError, SQLAlchemyError, OSError) as error:
+        if required:
+            raise DatabaseUnavailableError("the result could not be queued for review; the answer is withheld") \
+                from None
+        logger.error("result %s could not be stored (%s): it cannot be fetched again", row["id"],
+                     type(error).__name__)
+        return False
 
 
 def prune_expired(database_url: str, now: datetime | None = None) -> int:

@@ -10,7 +10,6 @@ before the first event, so those refusals are still plain JSON errors.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from medserve.protocols.openai import (
     GenerationRequest,
     usage,
 )
-from medserve.reviews.results import input_text, needs_review, result_row, store_result
+from medserve.reviews.results import input_text, keep_result, needs_review, result_row
 
 router = APIRouter(tags=["llm"])
 
@@ -224,9 +223,9 @@ async def _keep_pending(
     gateway: GatewayState, entry: CatalogEntry, audit: AuditScope, payload: dict[str, Any], text: str
 ) -> None:
     """The answer becomes a pending result, stored before it is given: an answer the review queue
-    cannot hold is withheld like one the audit trail cannot (the database error answers 503)."""
+    cannot hold is withheld (503 database_unavailable)."""
     row = result_row(audit.id, audit.operation, entry, audit.principal, review_required=True,
                      content_sha256=audit.output_sha256, output_text=text,
                      input=input_text(payload) if entry.review.store_input else None)
-    await asyncio.to_thread(store_result, gateway.database_url, row)
+    await keep_result(gateway.database_url, row, required=True, timeout_s=gateway.settings.audit_db_timeout_s)
 

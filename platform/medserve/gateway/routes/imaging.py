@@ -1,7 +1,5 @@
 """One DICOM instance or PNG in, JSON findings out (always a draft for clinician review)."""
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -9,7 +7,7 @@ from medserve.digests import sha256_hex
 from medserve.errors import UnsupportedMediaTypeError
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
-from medserve.reviews.results import result_row, store_result
+from medserve.reviews.results import keep_result, result_row
 
 router = APIRouter(tags=["imaging"])
 
@@ -56,5 +54,6 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
         if entry.review.store_output:  # the policy keeps the findings for GET /v1/reports/{id}
             stored = result_row(audit.id, audit.operation, entry, audit.principal, review_required=True,
                                 content_sha256=audit.output_sha256, document={"findings": result.get("findings")})
-            await asyncio.to_thread(store_result, gateway.database_url, stored)
+            await keep_result(gateway.database_url, stored, required=False,
+                              timeout_s=gateway.settings.audit_db_timeout_s)
     return JSONAnswer(payload, headers=provenance_headers(inference_id, entry, audit.landed))
