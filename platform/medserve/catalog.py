@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medserve.errors import ModelNotFoundError
+from medserve.specs import ReviewSpec
 
 
 class CatalogEntry(BaseModel):
@@ -48,6 +49,10 @@ class CatalogEntry(BaseModel):
     )
     engine_spec: dict[str, Any] | None = Field(
         default=None, description="The deployment spec, for an engine the gateway loads itself (placement gateway)."
+    )
+    review: ReviewSpec = Field(
+        default_factory=ReviewSpec,
+        description="The spec's review policy, with `required` resolved for the task (never None here).",
     )
     alias: str | None = Field(
         default=None,

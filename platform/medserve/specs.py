@@ -231,6 +231,54 @@ class AccessSpec(StrictModel):
     )
 
 
+class ReviewSpec(StrictModel):
+    """Clinician review of the model's results: whether each is a draft until a person signs it off,
+    and what is kept for the reviewer (GET /v1/reviews/pending, POST /v1/reviews/{inference_id},
+    GET /v1/reports/{id}). PHI minimisation is the default: nothing but digests is stored unless asked."""
+
+    required: bool | None = Field(
+        default=None,
+        description="Whether every answered result waits in the review queue until a clinician accepts, edits or "
+        "rejects it. Default: false for LLMs, true for imaging models and pipelines (which cannot turn it off).",
+    )
+    departments: list[str] = Field(
+        default_factory=list,
+        description="Caller departments whose results need review (LLM only); results for callers of other "
+        "departments are answered without a pending result. Empty: every department.",
+    )
+    store_output: bool = Field(
+        default=False,
+        description="Keep the answer text (LLM) or the findings (imaging model) for the reviewer and for "
+        "GET /v1/reports/{id}; otherwise only its sha256 digest is kept. Pipeline reports are always kept.",
+    )
+    store_input: bool = Field(
+        default=False,
+        description="Keep the request's messages or prompt for the reviewer (LLM only). Off by default: input "
+        "text often carries patient data.",
+    )
+    retention_days: int = Field(
+        default=30, ge=1, le=3650,
+        description="Days a stored text, findings or report is kept; after that it is pruned and only the "
+        "digests, the review and the audit row remain.",
+    )
+
+    def effective_required(self, task: str) -> bool:
+        return self.required if self.required is not None else task != "llm"
+
+    def check_for(self, task: str) -> None:
+        """What this policy cannot say for a kind of result (raises ValueError)."""
+        if task != "llm":
+            if self.required is False:
+                raise ValueError("review.required cannot be false for imaging models and pipelines: "
+                                 "every imaging result is a draft until a clinician signs it off")
+            if self.departments:
+                raise ValueError("review.departments applies to LLMs only (imaging results are always reviewed)")
+            if self.store_input:
+                raise ValueError("review.store_input applies to LLMs only (DICOM and images are never stored)")
+        elif not self.effective_required(task) and (self.store_output or self.store_input or self.departments):
+            raise ValueError("review.store_output, store_input and departments need review.required: true")
+
+
 class ValidationEvidence(StrictModel):
     """Evidence that the model performs as claimed."""
 
@@ -268,6 +316,10 @@ class DeploymentSpec(StrictModel):
     reasoning: ReasoningSpec = Field(
         default_factory=ReasoningSpec, description="Reasoning split and whether callers see it (LLM only)."
     )
+    review: ReviewSpec = Field(
+        default_factory=ReviewSpec,
+        description="Clinician review: whether results wait in the review queue and what is kept for the reviewer.",
+    )
     model_card: ModelCard = Field(description="Intended use, regulatory status and validation.")
     placement: Literal["replicas", "gateway"] = Field(
         default="replicas",
@@ -293,6 +345,7 @@ class DeploymentSpec(StrictModel):
             raise ValueError("reasoning applies to LLM models only")
         if "reasoning_parser" in self.model.parameters:
             raise ValueError("set reasoning.parser rather than model.parameters.reasoning_parser")
+        self.review.check_for(self.model.task)
         if self.placement == "gateway":
             self._check_gateway_placement()
         if self.model.engine == "vllm":
@@ -373,12 +426,18 @@ class PipelineSpec(StrictModel):
     steps: list[PipelineStepSpec] = Field(
         min_length=1, max_length=16, description="Checks run in parallel on the same series."
     )
+    review: ReviewSpec = Field(
+        default_factory=ReviewSpec,
+        description="Review of the pipeline's report: always required; retention_days bounds how long the "
+        "stored report is kept.",
+    )
 
     @model_validator(mode="after")
     def _unique_steps(self) -> "PipelineSpec":
         names = [step.name for step in self.steps]
         if len(names) != len(set(names)):
             raise ValueError("step names must be unique within a pipeline")
+        self.review.check_for("pipeline")
         return self
 
 

@@ -124,3 +124,36 @@ def test_clinician_signs_off_and_auditor_lists_what_is_pending(platform: Platfor
         summary = {row["model"]: row for row in json_of(auditor.get("/v1/reviews/summary"))["data"]}
     assert summary["ct-liver-attenuation-hu"]["rejected"] >= 1
     assert summary["ct-liver-attenuation-hu"]["override_rate"] > 0
+
+
+def test_stored_report_is_fetched_again_with_fhir_status_following_the_reviews(platform: Platform, keys):
+    """preliminary until reviewed; final once every completed step is accepted; entered-in-error once rejected."""
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    options = {"rois": {"bone": BONE_ROI, "liver": MUSCLE_ROI}}
+    reports = [json_of(_post(platform, keys["clinical-app"], CT_PIPELINE, ct_series(2), options)) for _ in range(2)]
+    with platform.client(keys["clinician"]) as clinician:
+        def fetch(report_id: str) -> tuple[dict, DiagnosticReport]:
+            as_json = clinician.get(f"/v1/reports/{report_id}")
+            as_fhir = clinician.get(f"/v1/reports/{report_id}", headers={"Accept": "application/fhir+json"})
+            assert as_fhir.headers["content-type"].startswith("application/fhir+json")
+            return json_of(as_json), DiagnosticReport.model_validate(as_fhir.json())
+
+        for report, decision, status in ((reports[0], {"decision": "accept"}, "final"),
+                                         (reports[1], {"decision": "reject", "comment": "motion artefact"},
+                                          "entered-in-error")):
+            stored, fhir = fetch(report["report_id"])
+            assert stored["report"] == report and stored["operation"] == "pipeline.run"
+            assert stored["status"] == fhir.status == "preliminary" and fhir.id == report["report_id"]
+            for finding in report["findings"]:
+                signed = clinician.post(f"/v1/reviews/{finding['inference_id']}", json=decision)
+                assert signed.status_code == 200, signed.text
+            stored, fhir = fetch(report["report_id"])
+            assert stored["status"] == fhir.status == status
+            assert set(stored["step_reviews"]) == {finding["inference_id"] for finding in report["findings"]}
+            observations = [r for r in fhir.model_dump(mode="json")["contained"] if r["resourceType"] == "Observation"]
+            assert sorted(o["status"] for o in observations) == sorted(
+                ["cancelled", *[{"final": "final", "entered-in-error": "entered-in-error"}[status]] * 2])
+        # A single step's result is a report of its own.
+        step, step_fhir = fetch(reports[0]["findings"][0]["inference_id"])
+        assert step["status"] == step_fhir.status == "final" and step["review"]["decision"] == "accept"

@@ -17,7 +17,7 @@ from medserve.catalog import CatalogEntry
 from medserve.engines.registry import ENGINES
 from medserve.registry.routing import version_app_name
 from medserve.settings import GATEWAY_SETTING_NAMES, Settings
-from medserve.specs import DeploymentSpec, PipelineSpec, deployments_of, pipelines_of
+from medserve.specs import DeploymentSpec, PipelineSpec, ReviewSpec, deployments_of, pipelines_of
 
 GATEWAY_APP = "gateway"
 GATEWAY_DEPLOYMENT = "Gateway"
@@ -75,7 +75,8 @@ def served_spec(deployment: DeploymentSpec, version_spec: DeploymentSpec) -> Dep
     """A registered version's spec deployed under a catalog deployment: the version
     brings its model, resources and inputs; the deployment its name and access."""
     return version_spec.model_copy(
-        update={"name": deployment.name, "access": deployment.access, "alias": deployment.alias}
+        update={"name": deployment.name, "access": deployment.access, "alias": deployment.alias,
+                "review": deployment.review}
     )
 
 
@@ -99,7 +100,13 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         placement=spec.placement,
         engine_spec=spec.model_dump(mode="json") if spec.placement == "gateway" else None,
         alias=spec.alias,
+        review=resolved_review(spec.review, spec.model.task),
     )
+
+
+def resolved_review(review: ReviewSpec, task: str) -> ReviewSpec:
+    """The policy with its kind's default for `required` filled in (what the gateway reads)."""
+    return review.model_copy(update={"required": review.effective_required(task)})
 
 
 def actor_options(spec: DeploymentSpec) -> dict[str, Any]:

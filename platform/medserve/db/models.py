@@ -312,8 +312,46 @@ class Review(Base):
     # The clinician's corrected finding (edit only).
     corrected_finding: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     comment: Mapped[str | None] = mapped_column(Text)
+    # LLM answers: the clinician's text (edit only), kept beside the original,
+    # and the digest of the original answer the decision was made on (the
+    # audit record's output_sha256).
+    edited_text: Mapped[str | None] = mapped_column(Text)
+    original_sha256: Mapped[str | None] = mapped_column(String(64))
     reviewer_key_id: Mapped[str] = mapped_column(String(32))
     reviewer_name: Mapped[str] = mapped_column(String(200))
     reviewer_role: Mapped[str] = mapped_column(String(32))
     # HMAC pseudonym of X-Clinician-Id, when the reviewing app sends it.
     clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))
+
+
+class StoredResult(Base):
+    """What is kept of one AI result beyond its audit record, so it can be reviewed and fetched again.
+
+    ``id`` is the audit record's id (the inference id or report id the caller
+    got). No foreign key: the audit writer process may commit (or spool) the
+    audit row after this one; readers join on the id. Written only for what a
+    spec's review policy asks: a review-required LLM answer (the pending
+    result), an imaging result with ``store_output``, every pipeline report.
+    Texts and documents are pruned after ``expires_at``; the row, its digest
+    and the review stay.
+    """
+
+    __tablename__ = "stored_results"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    # The audit record's operation: chat.completions | completions | imaging.analyze | pipeline.run
+    operation: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str | None] = mapped_column(String(100), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    # The caller's department: whose clinicians may see and sign off the result.
+    department: Mapped[str | None] = mapped_column(String(100), index=True)
+    review_required: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # sha256 of the answer text / findings as given (the audit record's output_sha256).
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    output_text: Mapped[str | None] = mapped_column(Text)
+    input_text: Mapped[str | None] = mapped_column(Text)
+    # Pipeline reports: the JSON report and its FHIR DiagnosticReport as answered; imaging findings.
+    document: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    pruned_at: Mapped[datetime | None]

@@ -51,6 +51,7 @@ def pipeline_entry(pipeline: PipelineSpec) -> CatalogEntry:
         deployment_name="Gateway",
         departments=list(pipeline.access.departments),
         deployment=pipeline.name,
+        review=pipeline.review.model_copy(update={"required": True}),
     )
 
 

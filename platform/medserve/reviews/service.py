@@ -1,10 +1,16 @@
 """Record and query clinician sign-offs.
 
-A reviewable result is an answered imaging inference: a single-image
-analysis (``imaging.analyze``) or one step of a pipeline (``pipeline.step``),
-each identified by its audit record id (the ``inference_id`` the caller got).
-The pipeline's own record (``pipeline.run``) is the envelope, not a result;
-LLM answers are not in this queue yet.
+One queue for every kind of result, each identified by its audit record id
+(the ``inference_id`` the caller got): an answered imaging inference (a
+single-image analysis, ``imaging.analyze``, or one step of a pipeline,
+``pipeline.step``), and an LLM answer whose spec's review policy required
+review (it has a ``stored_results`` row with ``review_required``). The
+pipeline's own record (``pipeline.run``) is the envelope, not a result; a
+shadow call's record was never answered and is not reviewed either.
+
+Clinicians see and sign off the results of their own department (the
+caller's department on the audit record); a key bound to no department sees
+all. Auditors read the queue and the override rates but cannot decide.
 
 A review maps onto the FHIR status a consumer should give the Observation:
 accept -> final, edit -> amended (with the corrected finding),
@@ -22,10 +28,19 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from medserve.db.models import AuditRecord, Review
-from medserve.errors import AlreadyReviewedError, NotFoundError, NotReviewableError
+from medserve.db.models import AuditRecord, Review, StoredResult
+from medserve.digests import sha256_hex
+from medserve.errors import (
+    AlreadyReviewedError,
+    NotFoundError,
+    NotReviewableError,
+    PermissionDeniedError,
+    RequestValidationFailed,
+)
+from medserve.reviews.results import LLM_OPERATIONS, kept
 from medserve.security.api_keys import Principal
 
+# Imaging results are always reviewable from their audit record alone.
 REVIEWABLE_OPERATIONS = ("imaging.analyze", "pipeline.step")
 FHIR_STATUS = {"accept": "final", "edit": "amended", "reject": "entered-in-error"}
 
@@ -54,16 +69,27 @@ class ReviewRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    decision: Literal["accept", "edit", "reject"] = Field(description="accept, edit (with corrected_finding) or reject.")
+    decision: Literal["accept", "edit", "reject"] = Field(
+        description="accept, edit (with corrected_finding for imaging, edited_text for an LLM answer) or reject."
+    )
     comment: str | None = Field(
         default=None, max_length=4000, description="Why; required to edit or reject."
     )
-    corrected_finding: CorrectedFinding | None = Field(default=None, description="Required for edit, refused otherwise.")
+    corrected_finding: CorrectedFinding | None = Field(
+        default=None, description="Imaging results: the corrected finding; required for edit, refused otherwise."
+    )
+    edited_text: str | None = Field(
+        default=None, min_length=1, max_length=100_000,
+        description="LLM answers: the text as the clinician signs it; kept beside the original answer "
+        "(whose digest the review records). Required for edit, refused otherwise.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ReviewRequest":
-        if (self.decision == "edit") != (self.corrected_finding is not None):
-            raise ValueError("corrected_finding is required for edit and refused for accept and reject")
+        corrections = (self.corrected_finding is not None) + (self.edited_text is not None)
+        if (self.decision == "edit") != (corrections == 1) or corrections > 1:
+            raise ValueError("edit needs one of corrected_finding (imaging) or edited_text (LLM); "
+                             "accept and reject take neither")
         if self.decision in ("edit", "reject") and not (self.comment or "").strip():
             raise ValueError("a comment is required to edit or reject")
         return self
@@ -78,6 +104,9 @@ def review_payload(review: Review) -> dict[str, Any]:
         "decision": review.decision,
         "fhir_status": FHIR_STATUS[review.decision],
         "corrected_finding": review.corrected_finding,
+        "edited_text": review.edited_text,
+        "edited_sha256": sha256_hex(review.edited_text) if review.edited_text is not None else None,
+        "original_sha256": review.original_sha256,
         "comment": review.comment,
         "reviewer": {"key_id": review.reviewer_key_id, "name": review.reviewer_name, "role": review.reviewer_role},
         "created_at": review.created_at.isoformat(),
@@ -98,8 +127,15 @@ def record_review(
     if record is None:
         raise NotFoundError("no inference has this id", inference_id=str(inference_id))
     authorize(record.model_name)
-    if record.outcome != "ok" or record.operation not in REVIEWABLE_OPERATIONS:
+    check_department(reviewer, record.department)
+    stored = session.get(StoredResult, inference_id)
+    if not is_reviewable(record, stored):
         raise NotReviewableError(operation=record.operation, outcome=record.outcome)
+    llm = record.operation in LLM_OPERATIONS
+    if request.corrected_finding is not None and llm:
+        raise RequestValidationFailed("an LLM answer is edited with edited_text", fields=["corrected_finding"])
+    if request.edited_text is not None and not llm:
+        raise RequestValidationFailed("an imaging result is edited with corrected_finding", fields=["edited_text"])
     if session.scalar(select(Review.id).where(Review.inference_id == inference_id)) is not None:
         raise AlreadyReviewedError(inference_id=str(inference_id))
     review = Review(
@@ -109,6 +145,8 @@ def record_review(
         decision=request.decision,
         corrected_finding=request.corrected_finding.model_dump(exclude_none=True) if request.corrected_finding else None,
         comment=request.comment,
+        edited_text=request.edited_text,
+        original_sha256=record.output_sha256,
         reviewer_key_id=reviewer.key_id,
         reviewer_name=reviewer.name,
         reviewer_role=reviewer.role.value,
@@ -122,14 +160,37 @@ def record_review(
     return review_payload(review)
 
 
+def check_department(principal: Principal, department: str | None) -> None:
+    """A department-bound key reaches only results of its own department."""
+    if principal.department is not None and department != principal.department:
+        raise PermissionDeniedError("this result belongs to another department")
+
+
+def is_reviewable(record: AuditRecord, stored: StoredResult | None) -> bool:
+    if record.outcome != "ok" or record.shadow:
+        return False
+    return record.operation in REVIEWABLE_OPERATIONS or bool(stored is not None and stored.review_required)
+
+
 def _reviewable():  # type: ignore[no-untyped-def]
-    return (AuditRecord.outcome == "ok") & AuditRecord.operation.in_(REVIEWABLE_OPERATIONS)
+    return (
+        (AuditRecord.outcome == "ok")
+        & AuditRecord.shadow.is_(False)
+        & (AuditRecord.operation.in_(REVIEWABLE_OPERATIONS) | StoredResult.review_required.is_(True))
+    )
 
 
-def pending_results(session: Session, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """Answered imaging results nobody has signed off yet, oldest first."""
+def pending_results(
+    session: Session, model: str | None = None, limit: int = 100, department: str | None = None
+) -> list[dict[str, Any]]:
+    """Answered results (imaging and LLM) nobody has signed off yet, oldest first.
+
+    ``department``: only results of callers of that department (a department-bound reader).
+    The answer's text is listed only where the policy kept it and its retention has not passed.
+    """
     query = (
-        select(AuditRecord)
+        select(AuditRecord, StoredResult)
+        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
         .outerjoin(Review, Review.inference_id == AuditRecord.id)
         .where(_reviewable(), Review.id.is_(None))
         .order_by(AuditRecord.created_at)
@@ -137,8 +198,11 @@ def pending_results(session: Session, model: str | None = None, limit: int = 100
     )
     if model is not None:
         query = query.where(AuditRecord.model_name == model)
-    return [
-        {
+    if department is not None:
+        query = query.where(AuditRecord.department == department)
+    items = []
+    for row, stored in session.execute(query):
+        item = {
             "inference_id": str(row.id),
             "created_at": row.created_at.isoformat(),
             "model": row.model_name,
@@ -146,15 +210,23 @@ def pending_results(session: Session, model: str | None = None, limit: int = 100
             "operation": row.operation,
             "caller_name": row.caller_name,
             "department": row.department,
+            "content_sha256": row.output_sha256,
         }
-        for row in session.scalars(query)
-    ]
+        shown = kept(stored)
+        if row.operation in LLM_OPERATIONS:
+            item["output_text"] = shown.output_text if shown else None
+            item["input_text"] = shown.input_text if shown else None
+        items.append(item)
+    return items
 
 
-def override_summary(session: Session, model: str | None = None) -> list[dict[str, Any]]:
+def override_summary(
+    session: Session, model: str | None = None, department: str | None = None
+) -> list[dict[str, Any]]:
     """Per model and version: results, reviews by decision, pending, and the override rate.
 
     override_rate = (edited + rejected) / reviewed; None before the first review.
+    ``department``: only results of callers of that department.
     """
     def count(decision: str):  # type: ignore[no-untyped-def]
         return func.coalesce(func.sum(case((Review.decision == decision, 1), else_=0)), 0)
@@ -169,6 +241,7 @@ def override_summary(session: Session, model: str | None = None) -> list[dict[st
             count("edit"),
             count("reject"),
         )
+        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
         .outerjoin(Review, Review.inference_id == AuditRecord.id)
         .where(_reviewable())
         .group_by(AuditRecord.model_name, AuditRecord.model_version)
@@ -176,6 +249,8 @@ def override_summary(session: Session, model: str | None = None) -> list[dict[st
     )
     if model is not None:
         query = query.where(AuditRecord.model_name == model)
+    if department is not None:
+        query = query.where(AuditRecord.department == department)
     summary = []
     for name, version, results, reviewed, accepted, edited, rejected in session.execute(query):
         summary.append(

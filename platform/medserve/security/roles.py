@@ -69,6 +69,8 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     ("POST", "/v1/reviews/{inference_id}"): Permission.REVIEW,
     ("GET", "/v1/reviews/pending"): Permission.READ_REVIEWS,
     ("GET", "/v1/reviews/summary"): Permission.READ_REVIEWS,
+    # Stored reports may hold answer and input texts: the same readers as the review queue.
+    ("GET", "/v1/reports/{report_id}"): Permission.READ_REVIEWS,
     ("GET", "/admin/audit"): Permission.READ_AUDIT,
     ("GET", "/admin/models"): Permission.ADMINISTER,
     ("GET", "/admin/models/{name}/versions"): Permission.ADMINISTER,

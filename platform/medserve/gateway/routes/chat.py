@@ -35,6 +35,7 @@ from medserve.protocols.openai import (
     GenerationRequest,
     usage,
 )
+from medserve.reviews.results import input_text, keep_result, needs_review, result_row
 
 router = APIRouter(tags=["llm"])
 
@@ -92,18 +93,22 @@ def _fingerprint(entry: CatalogEntry) -> str:
 
 
 class _Digests:
-    """Running sha256 of the answer and of the reasoning, kept current on the audit scope."""
+    """Running sha256 of the answer and of the reasoning, kept current on the audit scope;
+    with keep_text, the answer's text too (for a review policy that stores it)."""
 
-    def __init__(self, audit: AuditScope) -> None:
+    def __init__(self, audit: AuditScope, keep_text: bool = False) -> None:
         self._audit = audit
         self._content = hashlib.sha256()
         self._reasoning = hashlib.sha256()
+        self.parts: list[str] | None = [] if keep_text else None
         audit.output_sha256 = self._content.hexdigest()
 
     def add(self, content: str, reasoning: str) -> None:
         if content:
             self._content.update(content.encode())
             self._audit.output_sha256 = self._content.hexdigest()
+            if self.parts is not None:
+                self.parts.append(content)
         if reasoning:
             self._reasoning.update(reasoning.encode())
             self._audit.reasoning_sha256 = self._reasoning.hexdigest()
@@ -126,8 +131,12 @@ async def _exchange(
             # The version that answers (canary split, sticky per patient); sets audit.entry.
             entry = await gateway.route(entry, audit)
             payload = _engine_request(kind, generation, entry)
+            # A review policy makes the answer a pending result; without one this check is the whole cost.
+            review = entry.review.required and needs_review(entry, audit.principal)
             if not generation.stream:
-                response = await _whole(gateway, entry, kind, payload, audit)
+                response, text = await _whole(gateway, entry, kind, payload, audit)
+                if review:
+                    await _keep_pending(gateway, entry, audit, payload, text)
             else:
                 audit.streamed = True
                 events = gateway.stream(entry, "generate_stream", payload)
@@ -139,8 +148,11 @@ async def _exchange(
                     started = True
                     # The record is written at the stream's end; while the writer spools, it will be spooled.
                     yield provenance_headers(str(audit.id), entry, SPOOLED if gateway.writer.spooling else None)
-                    async for frame in _frames(events, kind, generation, entry, audit):
+                    digests = _Digests(audit, keep_text=review and entry.review.store_output)
+                    async for frame in _frames(events, kind, generation, entry, audit, digests):
                         yield frame
+                    if review:
+                        await _keep_pending(gateway, entry, audit, payload, "".join(digests.parts or ()))
                 finally:
                     await events.aclose()
     except MedserveError as error:
@@ -163,9 +175,9 @@ async def _frames(
     generation: GenerationRequest,
     entry: CatalogEntry,
     audit: AuditScope,
+    digests: _Digests,
 ) -> AsyncGenerator[bytes, None]:
     writer = ChunkWriter(kind, entry.model_name, _fingerprint(entry), generation.include_usage)
-    digests = _Digests(audit)
     show_reasoning = kind == "chat" and entry.reasoning_to_client
     async for event in events:
         if event["type"] == "delta":
@@ -186,7 +198,8 @@ async def _frames(
 
 async def _whole(
     gateway: GatewayState, entry: CatalogEntry, kind: Kind, payload: dict[str, Any], audit: AuditScope
-) -> Response:
+) -> tuple[Response, str]:
+    """The answer, and its text (for a review policy)."""
     # audit: a shadow candidate, when a shadow rollout runs, gets the same call.
     result = await gateway.call(entry, "generate", payload, audit=audit)
     digests = _Digests(audit)
@@ -213,5 +226,16 @@ async def _whole(
         body = CompletionResponse(
             choices=[{"index": 0, "text": result["content"], "finish_reason": result["finish_reason"]}], **common
         ).model_dump()
-    return JSONAnswer(body, headers=provenance_headers(str(audit.id), entry))
+    return JSONAnswer(body, headers=provenance_headers(str(audit.id), entry)), result["content"]
+
+
+async def _keep_pending(
+    gateway: GatewayState, entry: CatalogEntry, audit: AuditScope, payload: dict[str, Any], text: str
+) -> None:
+    """The answer becomes a pending result, stored before it is given: an answer the review queue
+    cannot hold is withheld (503 database_unavailable)."""
+    row = result_row(audit.id, audit.operation, entry, audit.principal, review_required=True,
+                     content_sha256=audit.output_sha256, output_text=text,
+                     input=input_text(payload) if entry.review.store_input else None)
+    await keep_result(gateway.database_url, row, required=True, timeout_s=gateway.settings.audit_db_timeout_s)
 

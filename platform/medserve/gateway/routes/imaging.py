@@ -9,6 +9,7 @@ from medserve.gateway.answers import ImagingAnswer, ok
 from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, IMAGE_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
+from medserve.reviews.results import keep_result, result_row
 
 router = APIRouter(tags=["imaging"])
 
@@ -53,4 +54,9 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
             "status": "draft",
             **result,
         }
+        if entry.review.store_output:  # the policy keeps the findings for GET /v1/reports/{id}
+            stored = result_row(audit.id, audit.operation, entry, audit.principal, review_required=True,
+                                content_sha256=audit.output_sha256, document={"findings": result.get("findings")})
+            await keep_result(gateway.database_url, stored, required=False,
+                              timeout_s=gateway.settings.audit_db_timeout_s)
     return JSONAnswer(payload, headers=provenance_headers(inference_id, entry, audit.landed))

@@ -31,6 +31,7 @@ from medserve.imaging.multipart import parse_series_upload
 from medserve.imaging.pipeline import PipelineOptions, check_options, check_series, pipeline_entry, run_steps
 from medserve.imaging.report import StepOutcome, build_report, to_fhir
 from medserve.imaging.series import RoiBox, Volume, assemble_series
+from medserve.reviews.results import keep_result, result_row
 from medserve.security.api_keys import Principal
 from medserve.specs import PipelineStepSpec
 
@@ -118,6 +119,10 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
         report = build_report(pipeline, str(audit.id), volume.summary(), list(steps), utcnow())
         fhir = to_fhir(report, pipeline, list(steps))
         audit.output_sha256 = sha256_hex(json.dumps(report, sort_keys=True))
+        # Kept so GET /v1/reports/{id} can give it again, its status following the steps' reviews.
+        stored = result_row(audit.id, "pipeline.run", entry, principal, review_required=False,
+                            content_sha256=audit.output_sha256, document={"report": report, "fhir": fhir})
+        await keep_result(gateway.database_url, stored, required=False, timeout_s=gateway.settings.audit_db_timeout_s)
     headers = provenance_headers(str(audit.id), entry, audit.landed)
     if FHIR_JSON in request.headers.get("accept", ""):
         return JSONAnswer(fhir, media_type=FHIR_JSON, headers=headers)

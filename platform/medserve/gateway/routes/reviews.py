@@ -1,4 +1,5 @@
-"""Clinician sign-off: accept, edit or reject an AI result; list what awaits review; override rates."""
+"""Clinician sign-off: accept, edit or reject an AI result; list what awaits review; override rates;
+stored reports fetched again by id."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
 
 from medserve.db.engine import session_scope
 from medserve.errors import ModelNotFoundError, NotFoundError
 from medserve.gateway.auth import require_department
 from medserve.gateway.answers import Listing, ok
 from medserve.gateway.openapi import AUTHENTICATED, BODY, QUERY, REVIEW, error_responses
+from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body
+from medserve.reviews.reports import report_fhir, report_view
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
 from medserve.security.pseudonyms import pseudonymize_headers
 
 router = APIRouter(tags=["reviews"])
+
+FHIR_JSON = "application/fhir+json"
 
 
 def _authorize_model(gateway: GatewayState, principal: Any):  # type: ignore[no-untyped-def]
@@ -41,12 +47,13 @@ async def pending(
     limit: int = Query(default=100, ge=1, le=1000, description="Most results returned, oldest first."),
     gateway: GatewayState = Depends(get_gateway),
 ) -> dict[str, Any]:
-    """Answered imaging results nobody has signed off yet (clinicians and auditors)."""
-    await gateway.principal(request)
+    """Answered results (imaging and LLM) nobody has signed off yet, of the reader's department
+    (a key bound to no department sees all); clinicians and auditors."""
+    principal = await gateway.principal(request)
 
     def query() -> list[dict[str, Any]]:
         with session_scope(gateway.database_url) as session:
-            return pending_results(session, model, limit)
+            return pending_results(session, model, limit, department=principal.department)
 
     return {"object": "list", "data": await asyncio.to_thread(query)}
 
@@ -57,12 +64,12 @@ async def summary(
     model: str | None = Query(default=None, max_length=100, description="Only this model."),
     gateway: GatewayState = Depends(get_gateway),
 ) -> dict[str, Any]:
-    """Per model and version: results, reviews by decision, pending, override rate."""
-    await gateway.principal(request)
+    """Per model and version: results, reviews by decision, pending, override rate (of the reader's department)."""
+    principal = await gateway.principal(request)
 
     def query() -> list[dict[str, Any]]:
         with session_scope(gateway.database_url) as session:
-            return override_summary(session, model)
+            return override_summary(session, model, department=principal.department)
 
     return {"object": "list", "data": await asyncio.to_thread(query)}
 
@@ -81,7 +88,7 @@ async def review(
     inference_id: str = Path(description="The result's inference_id.", json_schema_extra={"format": "uuid"}),
     gateway: GatewayState = Depends(get_gateway),
 ) -> dict[str, Any]:
-    """Sign off one result (its inference_id): accept, edit with the corrected finding, or reject; once."""
+    """Sign off one result (its inference_id): accept, edit (corrected finding or edited text), or reject; once."""
     principal = await gateway.principal(request)
     try:
         parsed_id = uuid.UUID(inference_id)
@@ -99,3 +106,38 @@ async def review(
             )
 
     return await asyncio.to_thread(store)
+
+
+@router.get(
+    "/v1/reports/{report_id}",
+    response_model=None,
+    responses={
+        200: {"description": "The stored result or report: medserve JSON, or, when `Accept` names "
+                             "application/fhir+json, a FHIR R4 DiagnosticReport whose status follows the review.",
+              "content": {"application/json": {"schema": {"type": "object"}},
+                          FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType"]}}}},
+        **error_responses(AUTHENTICATED, (NotFoundError,)),
+    },
+)
+async def report(
+    request: Request,
+    # A plain string checked after authentication, as for reviews; any other id is a 404.
+    report_id: str = Path(description="The result's inference_id or the report's id.", json_schema_extra={"format": "uuid"}),
+    gateway: GatewayState = Depends(get_gateway),
+) -> JSONResponse:
+    """A pipeline report or a reviewable result, fetched again: JSON, or with Accept: application/fhir+json
+    a FHIR R4 DiagnosticReport whose status follows the review."""
+    principal = await gateway.principal(request)
+    try:
+        parsed_id = uuid.UUID(report_id)
+    except ValueError:
+        raise NotFoundError("no stored report or reviewable result has this id") from None
+
+    def query() -> dict[str, Any]:
+        with session_scope(gateway.database_url) as session:
+            return report_view(session, parsed_id, principal)
+
+    view = await asyncio.to_thread(query)
+    if FHIR_JSON in request.headers.get("accept", ""):
+        return JSONAnswer(report_fhir(view), media_type=FHIR_JSON)
+    return JSONAnswer(view)
