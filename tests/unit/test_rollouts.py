@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from medserve.audit.queries import compare_versions
-from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
+from medserve.controlplane.render import COMPLIANCE_APP, GATEWAY_APP, RenderOptions, render_serve_config
 from medserve.controlplane.rollouts import RolloutController
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord, utcnow
@@ -175,7 +175,7 @@ def test_each_version_has_its_own_app_and_the_gateway_args_never_change(tumour):
     alone = render_serve_config([tumour], RenderOptions())
     both = render_serve_config([tumour], RenderOptions(), {tumour.name: [tumour, _version(tumour, "0.2.0")]})
     names = [app["name"] for app in both["applications"]]
-    assert names == [GATEWAY_APP, "model-brain-mri-tumour-v0-1-1", "model-brain-mri-tumour-v0-2-0"]
+    assert names == [GATEWAY_APP, "model-brain-mri-tumour-v0-1-1", "model-brain-mri-tumour-v0-2-0", COMPLIANCE_APP]
     # Same gateway app in both: Serve does not redeploy the gateway when a canary starts.
     assert alone["applications"][0] == both["applications"][0]
     assert alone["applications"][1] == both["applications"][1]
