@@ -16,7 +16,7 @@ from medserve.errors import ArtifactIntegrityError, RolloutError, StatusTransiti
 from medserve.registry import lifecycle
 from medserve.registry.routing import CANARY, SHADOW, RouteState, VersionRef, bucket, choose, in_canary
 from medserve.registry.service import register_version
-from medserve.specs import load_spec
+from medserve.specs import load_catalog, load_spec
 
 TUMOUR = "brain-mri-tumour"
 
@@ -233,6 +233,19 @@ def test_a_canary_deploys_its_candidate_before_the_registry_points_at_it(databas
     assert target.applied[0]["applications"][0] == target.applied[-1]["applications"][0]
     controller.rollback(TUMOUR, "ops")
     assert "model-brain-mri-tumour-v0-1-1-b" not in [app["name"] for app in target.applied[-1]["applications"]]
+
+
+def test_a_model_listed_after_a_pipeline_in_the_catalog_can_roll_out(database_url, tumour, repo_root):
+    pipelines = [spec for spec in load_catalog(repo_root / "deployments") if spec.kind == "pipeline"]
+    assert pipelines
+    target = FakeTarget()
+    controller = RolloutController(database_url, [*pipelines, tumour], target, RenderOptions(),
+                                   require_approved=False, cache_seconds=0)
+    controller.apply()
+    with session_scope(database_url) as session:
+        register_version(session, _version(tumour, "0.1.1-b"), "tester")
+    controller.shadow(TUMOUR, "0.1.1-b", "ops")
+    assert "model-brain-mri-tumour-v0-1-1-b" in [app["name"] for app in target.applied[-1]["applications"]]
 
 
 def test_unapproved_production_is_skipped_with_a_reason(database_url, tumour):
