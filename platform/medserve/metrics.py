@@ -445,23 +445,25 @@ PENDING_AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 REVIEW_DECISION_VALUES = ("accept", "edit", "reject")
 
 
-def init_audit_verify_metrics(interval_s: float) -> None:
-    """The monitor's failure counters at zero and its interval, from its start."""
+def init_audit_verify_metrics() -> None:
+    """The monitor's failure counters at zero, from its start."""
     for reason in VERIFY_FAILURE_REASONS:
         _record(AUDIT_VERIFY_FAILURES, 0, reason=reason)
+
+
+def record_audit_verification_failure(reason: Literal["problems", "error"]) -> None:
+    """One periodic verification that found problems, or could not run."""
+    _record(AUDIT_VERIFY_FAILURES, 1, reason=reason)
+
+
+def set_audit_verify_state(*, interval_s: float, last_success: float | None, problems: int | None) -> None:
+    """The monitor's gauges. Set again on every export round, not only when a verification ends: Ray's
+    agent stops exporting a gauge nobody sets for a while, and a verification runs only every interval."""
     _record(AUDIT_VERIFY_INTERVAL, interval_s)
-
-
-def record_audit_verification(*, problems: int | None, finished_at: float) -> None:
-    """One periodic verification: problems=None when it could not run."""
-    if problems is None:
-        _record(AUDIT_VERIFY_FAILURES, 1, reason="error")
-        return
-    _record(AUDIT_VERIFY_PROBLEMS, problems)
-    if problems:
-        _record(AUDIT_VERIFY_FAILURES, 1, reason="problems")
-    else:
-        _record(AUDIT_VERIFY_LAST_SUCCESS, finished_at)
+    if last_success is not None:
+        _record(AUDIT_VERIFY_LAST_SUCCESS, last_success)
+    if problems is not None:
+        _record(AUDIT_VERIFY_PROBLEMS, problems)
 
 
 def set_review_backlog(

@@ -72,7 +72,10 @@ def _wait_for(platform: Platform, check, what: str) -> str:  # type: ignore[no-u
         exported = _scrape(platform)
         if check(exported):
             return exported
-        assert time.monotonic() < deadline, f"{what}: not seen in Ray's metrics export within {DEADLINE_S:.0f}s"
+        assert time.monotonic() < deadline, (
+            f"{what}: not seen in Ray's metrics export within {DEADLINE_S:.0f}s; the monitor logged:\n"
+            + _monitor_log(platform)[-3000:]
+        )
         time.sleep(2.0)
 
 

@@ -84,11 +84,11 @@ def test_an_altered_row_makes_the_periodic_verification_fail_and_count(audit_db_
     records = [_imaging("radiology", timedelta(minutes=i)) for i in range(12)]
     _write(audit_db_url, records)
     monitor = _monitor(audit_db_url)
-    metrics.init_audit_verify_metrics(monitor.verify_interval_s)
+    metrics.init_audit_verify_metrics()
     assert recording.total("medserve_audit_verify_failures_total", reason="problems") == 0
-    assert recording.last("medserve_audit_verify_interval_seconds") == 60.0
 
     assert monitor.verify_once().ok
+    assert recording.last("medserve_audit_verify_interval_seconds") == 60.0
     first_success = recording.last("medserve_audit_verify_last_success_timestamp_seconds")
     assert first_success is not None and abs(first_success - time.time()) < 60
     assert recording.last("medserve_audit_verify_problems") == 0
@@ -103,6 +103,13 @@ def test_an_altered_row_makes_the_periodic_verification_fail_and_count(audit_db_
     assert recording.last("medserve_audit_verify_problems") == 1
     # No success while the trail is broken: the last-success time stays where it was.
     assert recording.last("medserve_audit_verify_last_success_timestamp_seconds") == first_success
+    # Between verifications, every backlog round sets the gauges again (Ray drops gauges nobody sets).
+    before = len(recording.samples)
+    monitor.sample_reviews_once()
+    republished = {name for name, _, _ in recording.samples[before:]}
+    assert {"medserve_audit_verify_last_success_timestamp_seconds", "medserve_audit_verify_problems",
+            "medserve_audit_verify_interval_seconds"} <= republished
+    assert recording.last("medserve_audit_verify_problems") == 1
     monitor.verify_once()
     assert recording.total("medserve_audit_verify_failures_total", reason="problems") == 2
 

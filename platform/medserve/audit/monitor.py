@@ -69,7 +69,7 @@ class ComplianceMonitor:
             result = verify(self._database_url, self._key)
         except Exception as error:  # noqa: BLE001 - a database outage must not stop the schedule
             logger.warning("periodic audit verification could not run: %s", type(error).__name__)
-            metrics.record_audit_verification(problems=None, finished_at=self._clock())
+            metrics.record_audit_verification_failure("error")
             self.verifications += 1
             return None
         finished = self._clock()
@@ -78,17 +78,25 @@ class ComplianceMonitor:
         if result.ok:
             self.last_success_at = finished
         else:
+            metrics.record_audit_verification_failure("problems")
             first = result.problems[0]
             logger.error(
                 "periodic audit verification found %d problem(s) in %d records; first: %s of record %s "
                 "(chain %s, seq %s); run `medserve audit verify` for all of them",
                 len(result.problems), result.records, first.kind, first.record_id, first.chain_id, first.seq,
             )
-        metrics.record_audit_verification(problems=len(result.problems), finished_at=finished)
+        self._export_verify_state()
         return result
 
+    def _export_verify_state(self) -> None:
+        result = self.last_result
+        metrics.set_audit_verify_state(interval_s=self.verify_interval_s, last_success=self.last_success_at,
+                                       problems=None if result is None else len(result.problems))
+
     def sample_reviews_once(self) -> Backlog | None:
-        """Export the review backlog as of now; None when the database could not be read."""
+        """Export the review backlog as of now (and the last verification's gauges again); None when the
+        database could not be read."""
+        self._export_verify_state()
         try:
             with session_scope(self._database_url) as session:
                 current = backlog(session, utcnow())
@@ -106,7 +114,8 @@ class ComplianceMonitor:
     # --- schedule -------------------------------------------------------------------
 
     def start(self) -> "ComplianceMonitor":
-        metrics.init_audit_verify_metrics(self.verify_interval_s)
+        metrics.init_audit_verify_metrics()
+        self._export_verify_state()
         for name, work, interval in (
             ("medserve-audit-verify", self.verify_once, self.verify_interval_s),
             ("medserve-review-backlog", self.sample_reviews_once, self.review_interval_s),
