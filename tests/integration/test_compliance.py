@@ -82,22 +82,9 @@ def _wait_for(platform: Platform, check, what: str) -> str:  # type: ignore[no-u
         if check(exported):
             return exported
         assert time.monotonic() < deadline, (
-            f"{what}: not seen in Ray's metrics export within {DEADLINE_S:.0f}s; the monitor logged:\n"
-            + _monitor_log(platform)[-3000:]
+            f"{what}: not seen in Ray's metrics export within {DEADLINE_S:.0f}s"
         )
         time.sleep(2.0)
-
-
-def _monitor_log(platform: Platform) -> str:
-    """The compliance monitor's verification lines, wherever Ray put its replica's log (the worker's
-    stderr file or Serve's replica log, depending on how Ray captures it)."""
-    assert platform.ray_temp_dir is not None
-    lines = []
-    for path in (platform.ray_temp_dir / "session_latest" / "logs").rglob("*"):
-        if path.is_file() and path.suffix in (".log", ".err", ".out"):
-            lines += [line for line in path.read_text(errors="replace").splitlines()
-                      if "periodic audit verification" in line]
-    return "\n".join(lines)
 
 
 def _set_label(platform: Platform, record_id: uuid.UUID, label: str | None) -> None:
@@ -140,12 +127,6 @@ def test_an_altered_row_raises_the_periodic_verification_failure_metric(
             "the verification failure counter rising after the row was altered",
         )
         assert (_sample(exported, "ray_medserve_audit_verify_problems") or 0) >= 1
-        # The log names the record (kind, id, chain, seq), never its content.
-        deadline = time.monotonic() + 30
-        while f"first: changed of record {record_id}" not in _monitor_log(platform):
-            assert time.monotonic() < deadline, _monitor_log(platform)[-2000:]
-            time.sleep(1.0)
-        assert "glioma" not in _monitor_log(platform) and "meningioma" not in _monitor_log(platform)
     finally:
         _set_label(platform, record_id, original)
     # Put back, the trail verifies again: the last-success time moves on.

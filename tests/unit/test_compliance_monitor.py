@@ -80,7 +80,7 @@ def _id_param(url: str, value: uuid.UUID):  # type: ignore[no-untyped-def]
     return value.hex if url.startswith("sqlite") else value
 
 
-def test_an_altered_row_makes_the_periodic_verification_fail_and_count(audit_db_url, recording):
+def test_an_altered_row_makes_the_periodic_verification_fail_and_count(audit_db_url, recording, caplog):
     records = [_imaging("radiology", timedelta(minutes=i)) for i in range(12)]
     _write(audit_db_url, records)
     monitor = _monitor(audit_db_url)
@@ -101,6 +101,8 @@ def test_an_altered_row_makes_the_periodic_verification_fail_and_count(audit_db_
     assert not result.ok and result.problems[0].kind == "changed" and result.problems[0].record_id == str(target)
     assert recording.total("medserve_audit_verify_failures_total", reason="problems") == 1
     assert recording.last("medserve_audit_verify_problems") == 1
+    # The log names the record (kind, id, chain, seq), never what it holds.
+    assert f"first: changed of record {target}" in caplog.text and "glioma" not in caplog.text
     # No success while the trail is broken: the last-success time stays where it was.
     assert recording.last("medserve_audit_verify_last_success_timestamp_seconds") == first_success
     # Between verifications, every backlog round sets the gauges again (Ray drops gauges nobody sets).
