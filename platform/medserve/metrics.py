@@ -125,6 +125,42 @@ AUDIT_COMMIT_DURATION = _define(
     "Time of one audit batch commit.",
     (), AUDIT_COMMIT_BUCKETS_S,
 )
+# --- compliance: periodic audit verification and the review backlog (one monitor per cluster) ----
+AUDIT_VERIFY_LAST_SUCCESS = _define(
+    "medserve_audit_verify_last_success_timestamp_seconds", "gauge",
+    "Unix time at which the last periodic audit verification found every hash chain intact.",
+)
+AUDIT_VERIFY_FAILURES = _define(
+    "medserve_audit_verify_failures_total", "counter",
+    "Periodic audit verifications that failed: reason problems (a record changed, removed or inserted) "
+    "or error (the verification could not run, e.g. the database was unreachable).",
+    ("reason",),
+)
+AUDIT_VERIFY_PROBLEMS = _define(
+    "medserve_audit_verify_problems", "gauge",
+    "Problems (changed, removed, inserted records, bad checkpoints) the last completed verification found.",
+)
+AUDIT_VERIFY_INTERVAL = _define(
+    "medserve_audit_verify_interval_seconds", "gauge",
+    "How often the compliance monitor verifies the audit trail (MEDSERVE_AUDIT_VERIFY_INTERVAL_S).",
+)
+REVIEW_PENDING = _define(
+    "medserve_review_pending_results", "gauge",
+    "AI results awaiting a clinician's decision, by the department that asked and how long they have waited "
+    "(age: under_1h, 1h_to_24h, 24h_to_7d, over_7d).",
+    ("department", "age"),
+)
+REVIEW_PENDING_OLDEST = _define(
+    "medserve_review_pending_oldest_age_seconds", "gauge",
+    "Age of the oldest AI result of a department still awaiting a clinician's decision (0: none pending).",
+    ("department",),
+)
+REVIEW_DECISIONS = _define(
+    "medserve_review_decisions", "gauge",
+    "Clinician decisions on AI results recorded so far, by model version and decision (accept, edit, reject); "
+    "read from the reviews table, so (edit + reject) / all is the version's override rate.",
+    ("model", "version", "decision"),
+)
 # --- gateway state and failures ------------------------------------------------------
 STATE_REFRESH_FAILURES = _define(
     "medserve_gateway_state_refresh_failures_total", "counter",
@@ -400,6 +436,49 @@ def set_state_age(state: str, age_s: float) -> None:
 
 def record_unhandled_error() -> None:
     _record(UNHANDLED_ERRORS, 1)
+
+
+VERIFY_FAILURE_REASONS = ("problems", "error")
+PENDING_AGE_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("under_1h", 3600.0), ("1h_to_24h", 86400.0), ("24h_to_7d", 7 * 86400.0), ("over_7d", float("inf")),
+)
+REVIEW_DECISION_VALUES = ("accept", "edit", "reject")
+
+
+def init_audit_verify_metrics() -> None:
+    """The monitor's failure counters at zero, from its start."""
+    for reason in VERIFY_FAILURE_REASONS:
+        _record(AUDIT_VERIFY_FAILURES, 0, reason=reason)
+
+
+def record_audit_verification_failure(reason: Literal["problems", "error"]) -> None:
+    """One periodic verification that found problems, or could not run."""
+    _record(AUDIT_VERIFY_FAILURES, 1, reason=reason)
+
+
+def set_audit_verify_state(*, interval_s: float, last_success: float | None, problems: int | None) -> None:
+    """The monitor's gauges. Set again on every export round, not only when a verification ends: Ray's
+    agent stops exporting a gauge nobody sets for a while, and a verification runs only every interval."""
+    _record(AUDIT_VERIFY_INTERVAL, interval_s)
+    if last_success is not None:
+        _record(AUDIT_VERIFY_LAST_SUCCESS, last_success)
+    if problems is not None:
+        _record(AUDIT_VERIFY_PROBLEMS, problems)
+
+
+def set_review_backlog(
+    pending: dict[str, dict[str, int]], oldest_s: dict[str, float], decisions: dict[tuple[str, str, str], int]
+) -> None:
+    """The review backlog as read from the database: counts per department and age bucket, the oldest
+    pending age per department, and decisions per (model, version, decision). The caller passes every
+    label set it ever exported, at zero when it no longer has any, so a cleared backlog reads 0."""
+    for department, by_age in pending.items():
+        for age, _upper in PENDING_AGE_BUCKETS:
+            _record(REVIEW_PENDING, by_age.get(age, 0), department=bounded(department), age=age)
+    for department, age_s in oldest_s.items():
+        _record(REVIEW_PENDING_OLDEST, max(age_s, 0.0), department=bounded(department))
+    for (model, version, decision), count in decisions.items():
+        _record(REVIEW_DECISIONS, count, model=bounded(model), version=bounded(version), decision=bounded(decision))
 
 
 def set_audit_spool_records(count: int) -> None:

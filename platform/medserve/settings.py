@@ -122,6 +122,19 @@ class Settings(BaseSettings):
         description="Longest one audit database write (or connection attempt) may take before the "
         "records go to the spool instead.",
     )
+    audit_verify_interval_s: float = Field(
+        default=900.0,
+        ge=1,
+        description="How often the compliance monitor (one per cluster) runs `audit verify` over the whole trail "
+        "and exports the result (ray_medserve_audit_verify_*). Each run reads every record: on a trail of "
+        "millions of rows keep it at minutes or more. The staleness alert fires after three missed intervals.",
+    )
+    review_metrics_interval_s: float = Field(
+        default=30.0,
+        ge=1,
+        description="How often the compliance monitor reads the review backlog (pending results by department "
+        "and age, decisions by model version) into metrics.",
+    )
     api_key_cache_seconds: float = GatewayField(
         default=5.0,
         ge=0,

@@ -36,9 +36,10 @@ from medserve.specs import DeploymentSpec, load_catalog
 
 
 # Modules that break things on purpose run after all others: the failures they cause (audit writes and
-# state reloads failing while a database is down) stay in the exported counters and keep alerts firing for
-# minutes, and test_metrics_prometheus.py checks that a healthy platform fires no alert.
-RUN_LAST = ("test_database_outage.py",)
+# state reloads failing while a database is down, a periodic verification finding an altered row) stay in
+# the exported counters and keep alerts firing for minutes, and test_metrics_prometheus.py checks that a
+# healthy platform fires no alert.
+RUN_LAST = ("test_compliance.py", "test_database_outage.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

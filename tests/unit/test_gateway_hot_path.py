@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from medserve.bench.loadgen import Request, run_load
 from medserve.bench.runner import noop_spec
-from medserve.controlplane.render import GATEWAY_APP, RenderOptions, catalog_entry, render_serve_config
+from medserve.controlplane.render import COMPLIANCE_APP, GATEWAY_APP, RenderOptions, catalog_entry, render_serve_config
 from medserve.db.engine import session_scope
 from medserve.errors import SpecError
 from medserve.gateway.app import create_app
@@ -108,7 +108,7 @@ def test_gateway_placement_renders_no_application_and_gives_the_gateway_its_reso
     apart = noop_spec("noop-apart", "replicas")
     config = render_serve_config([here, apart], RenderOptions())
     names = [app["name"] for app in config["applications"]]
-    assert names == [GATEWAY_APP, "model-noop-apart-v1"]
+    assert names == [GATEWAY_APP, "model-noop-apart-v1", COMPLIANCE_APP]
     gateway = config["applications"][0]
     assert gateway["deployments"][0]["ray_actor_options"]["num_cpus"] == pytest.approx(0.25 + 0.5)
     assert gateway["deployments"][0]["max_ongoing_requests"] == RenderOptions().gateway_max_ongoing_requests

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from medserve.controlplane.render import RenderOptions, render_serve_config
+from medserve.controlplane.render import COMPLIANCE_SETTING_NAMES, RenderOptions, render_serve_config
 from medserve.settings import GATEWAY_SETTING_NAMES, Settings
 from medserve.specs import load_catalog
 from tests.unit.helm_support import CHART, REPO_ROOT, by_kind, one, render
@@ -65,7 +65,8 @@ def test_serve_config_is_the_catalog_rendered_for_a_pod(repo_root):
     """Independent of make: the shipped file is render_serve_config(catalog) with the proxy on every interface."""
     committed = yaml.safe_load((CHART / "files" / "serve-config.yaml").read_text())
     defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True) for name in GATEWAY_SETTING_NAMES}
-    options = RenderOptions(http_host="0.0.0.0", gateway_settings=defaults)
+    compliance = {name: Settings.model_fields[name].get_default() for name in COMPLIANCE_SETTING_NAMES}
+    options = RenderOptions(http_host="0.0.0.0", gateway_settings=defaults, compliance_settings=compliance)
     assert committed == render_serve_config(load_catalog(repo_root / "deployments"), options)
 
 

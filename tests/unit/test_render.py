@@ -3,7 +3,7 @@
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
+from medserve.controlplane.render import COMPLIANCE_APP, GATEWAY_APP, RenderOptions, render_serve_config
 from medserve.errors import SpecError
 from medserve.specs import deployments_of, load_catalog, pipelines_of
 
@@ -28,6 +28,7 @@ def test_only_the_gateway_has_a_route(repo_root):
     specs, config = _config(repo_root)
     routes = {app["name"]: app["route_prefix"] for app in config["applications"]}
     assert routes.pop(GATEWAY_APP) == "/"
+    assert routes.pop(COMPLIANCE_APP) is None  # the one compliance monitor, reached by handle only
     # One application per model; pipelines run inside the gateway.
     assert len(routes) == len(deployments_of(specs))
     assert set(routes.values()) == {None}

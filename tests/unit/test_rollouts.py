@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from medserve.audit.queries import compare_versions
-from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
+from medserve.controlplane.render import COMPLIANCE_APP, GATEWAY_APP, RenderOptions, render_serve_config
 from medserve.controlplane.rollouts import RolloutController
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord, utcnow
@@ -16,7 +16,7 @@ from medserve.errors import ArtifactIntegrityError, RolloutError, StatusTransiti
 from medserve.registry import lifecycle
 from medserve.registry.routing import CANARY, SHADOW, RouteState, VersionRef, bucket, choose, in_canary
 from medserve.registry.service import register_version
-from medserve.specs import load_spec
+from medserve.specs import load_catalog, load_spec
 
 TUMOUR = "brain-mri-tumour"
 
@@ -175,7 +175,7 @@ def test_each_version_has_its_own_app_and_the_gateway_args_never_change(tumour):
     alone = render_serve_config([tumour], RenderOptions())
     both = render_serve_config([tumour], RenderOptions(), {tumour.name: [tumour, _version(tumour, "0.2.0")]})
     names = [app["name"] for app in both["applications"]]
-    assert names == [GATEWAY_APP, "model-brain-mri-tumour-v0-1-1", "model-brain-mri-tumour-v0-2-0"]
+    assert names == [GATEWAY_APP, "model-brain-mri-tumour-v0-1-1", "model-brain-mri-tumour-v0-2-0", COMPLIANCE_APP]
     # Same gateway app in both: Serve does not redeploy the gateway when a canary starts.
     assert alone["applications"][0] == both["applications"][0]
     assert alone["applications"][1] == both["applications"][1]
@@ -233,6 +233,19 @@ def test_a_canary_deploys_its_candidate_before_the_registry_points_at_it(databas
     assert target.applied[0]["applications"][0] == target.applied[-1]["applications"][0]
     controller.rollback(TUMOUR, "ops")
     assert "model-brain-mri-tumour-v0-1-1-b" not in [app["name"] for app in target.applied[-1]["applications"]]
+
+
+def test_a_model_listed_after_a_pipeline_in_the_catalog_can_roll_out(database_url, tumour, repo_root):
+    pipelines = [spec for spec in load_catalog(repo_root / "deployments") if spec.kind == "pipeline"]
+    assert pipelines
+    target = FakeTarget()
+    controller = RolloutController(database_url, [*pipelines, tumour], target, RenderOptions(),
+                                   require_approved=False, cache_seconds=0)
+    controller.apply()
+    with session_scope(database_url) as session:
+        register_version(session, _version(tumour, "0.1.1-b"), "tester")
+    controller.shadow(TUMOUR, "0.1.1-b", "ops")
+    assert "model-brain-mri-tumour-v0-1-1-b" in [app["name"] for app in target.applied[-1]["applications"]]
 
 
 def test_unapproved_production_is_skipped_with_a_reason(database_url, tumour):

@@ -13,7 +13,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from medserve.controlplane.render import GATEWAY_APP, RenderOptions, render_serve_config
+from medserve.controlplane.render import COMPLIANCE_APP, GATEWAY_APP, RenderOptions, render_serve_config
 from medserve.controlplane.targets import ServeTarget
 from medserve.db.engine import session_scope
 from medserve.engines.artifacts import artifact_sha256, resolve_artifact
@@ -214,7 +214,8 @@ def apply_catalog(
         for spec in deployable if spec.placement == "replicas"
         for v in versions[spec.name]
     ]
-    statuses = target.wait_until_running([GATEWAY_APP] + apps, timeout_s=wait_timeout_s)
+    platform_apps = [app["name"] for app in config["applications"] if app["name"] in (GATEWAY_APP, COMPLIANCE_APP)]
+    statuses = target.wait_until_running(platform_apps + apps, timeout_s=wait_timeout_s)
     return ApplyResult(
         plan=final,
         config=config,

@@ -24,6 +24,11 @@ GATEWAY_DEPLOYMENT = "Gateway"
 ENGINE_DEPLOYMENT = "ModelServer"
 # A string, not an import: the control plane names the gateway's application, never loads it.
 GATEWAY_IMPORT_PATH = "medserve.gateway.app:build_app"
+# The compliance monitor (periodic audit verification, review backlog metrics): one replica per cluster.
+COMPLIANCE_APP = "compliance"
+COMPLIANCE_DEPLOYMENT = "ComplianceMonitor"
+COMPLIANCE_IMPORT_PATH = "medserve.audit.monitor:build_app"
+COMPLIANCE_SETTING_NAMES = ("audit_verify_interval_s", "review_metrics_interval_s")
 # The vllm application's ingress only relays tokens; the GPUs belong to Ray Serve LLM's deployment.
 VLLM_ADAPTER_NUM_CPUS = 0.25
 
@@ -42,6 +47,7 @@ class RenderOptions(BaseModel):
             "ssl_certfile": settings.tls_cert_file,
             "ssl_keyfile": settings.tls_key_file,
             "gateway_settings": {name: getattr(settings, name) for name in GATEWAY_SETTING_NAMES},
+            "compliance_settings": {name: getattr(settings, name) for name in COMPLIANCE_SETTING_NAMES},
         }
         return cls(**{**values, **overrides})
 
@@ -58,6 +64,14 @@ class RenderOptions(BaseModel):
     gateway_settings: dict[str, Any] = Field(default_factory=dict, description="Settings passed to the gateway.")
     gateway_env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment for gateway replicas (no secrets)."
+    )
+    compliance_monitor: bool = Field(
+        default=True,
+        description="Render the compliance application: one replica that verifies the audit trail on a schedule "
+        "and exports the review backlog as metrics.",
+    )
+    compliance_settings: dict[str, Any] = Field(
+        default_factory=dict, description="Settings passed to the compliance monitor (its intervals)."
     )
     allow_unpinned_artifacts: bool = Field(default=False, description="Serve artifacts with no pinned sha256.")
     ssl_certfile: str | None = Field(
@@ -232,6 +246,25 @@ def render_gateway_app(
     return app
 
 
+def render_compliance_app(options: RenderOptions) -> dict[str, Any]:
+    """The compliance monitor: exactly one replica (not one per gateway replica), no route, no CPU reserved
+    (it sleeps between rounds; a verification is I/O and hashing for seconds per interval)."""
+    return {
+        "name": COMPLIANCE_APP,
+        "route_prefix": None,
+        "import_path": COMPLIANCE_IMPORT_PATH,
+        "args": {"settings": dict(options.compliance_settings)},
+        "deployments": [
+            {
+                "name": COMPLIANCE_DEPLOYMENT,
+                "num_replicas": 1,
+                "max_ongoing_requests": 4,
+                "ray_actor_options": {"num_cpus": 0},
+            }
+        ],
+    }
+
+
 def render_serve_config(
     specs: list[DeploymentSpec | PipelineSpec],
     options: RenderOptions | None = None,
@@ -266,5 +299,7 @@ def render_serve_config(
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options,
-        "applications": [render_gateway_app(models, options, pipelines_of(specs))] + model_apps,
+        # The compliance monitor last: the gateway stays first, the models keep their places.
+        "applications": [render_gateway_app(models, options, pipelines_of(specs)), *model_apps]
+        + ([render_compliance_app(options)] if options.compliance_monitor else []),
     }

@@ -31,7 +31,7 @@ from medserve.errors import RolloutError
 from medserve.registry import lifecycle
 from medserve.registry.lifecycle import RollbackResult
 from medserve.registry.routing import CANARY, SHADOW
-from medserve.specs import DeploymentSpec
+from medserve.specs import DeploymentSpec, deployments_of
 
 
 @dataclass
@@ -45,7 +45,7 @@ class RolloutController:
     wait_timeout_s: float = 600.0
 
     def _deployment(self, model_name: str) -> DeploymentSpec:
-        for spec in self.specs:
+        for spec in deployments_of(self.specs):  # the catalog holds pipeline specs too
             if spec.model.name == model_name:
                 if spec.alias is None:
                     raise RolloutError("the deployment pins model.version (alias: null); no rollouts", model=model_name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -174,8 +175,22 @@ class GatewayState:
 
     def _mirror(self, audit: AuditScope, method: str, args: tuple[Any, ...]) -> None:
         assert audit.shadow_entry is not None
-        scope = audit.shadow_scope(audit.shadow_entry)
-        task = asyncio.get_running_loop().create_task(self._shadow_call(scope, method, args))
+        self._background(self._shadow_call(audit.shadow_scope(audit.shadow_entry), method, args))
+
+    def mirror_stream(self, audit: AuditScope, method: str, *args: Any) -> None:
+        """Mirror a streamed call to the shadow candidate :meth:`route` chose, if any.
+
+        The shadow's stream is consumed by a task of its own, never by the
+        caller's: the primary stream neither waits for it nor sees any of it.
+        Its whole answer goes to its own audit record (``shadow``, ``shadow_of``).
+        """
+        if audit.shadow_entry is not None:
+            scope = audit.shadow_scope(audit.shadow_entry)
+            scope.streamed = True
+            self._background(self._shadow_stream(scope, method, args))
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         # Keep a reference until done: the event loop holds tasks only weakly.
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
@@ -195,6 +210,35 @@ class GatewayState:
             content = result.get("content")
             scope.output_sha256 = result.get("output_sha256") or (sha256_hex(content) if content is not None else None)
             scope.output_label = result.get("top_label")
+            record = scope.to_record(200, None, "ok")
+        await self.recorder.write_shadow(record)
+
+    async def _shadow_stream(self, scope: AuditScope, method: str, args: tuple[Any, ...]) -> None:
+        """Read a shadow's whole stream (no budget, no priority slot) and write its record."""
+        assert scope.entry is not None
+        content, reasoning = hashlib.sha256(), hashlib.sha256()
+        try:
+            async for event in self._stream(self._open_stream(scope.entry, method, args), scope.entry):
+                kind = event.get("type")
+                if kind == "start":
+                    scope.prompt_tokens, scope.completion_tokens = event.get("prompt_tokens"), 0
+                elif kind == "delta":
+                    scope.observe_tokens(event["tokens"])
+                    scope.completion_tokens = (scope.completion_tokens or 0) + event["tokens"]
+                    content.update(event["content"].encode())
+                    if event["reasoning"]:
+                        reasoning.update(event["reasoning"].encode())
+                        scope.reasoning_sha256 = reasoning.hexdigest()
+                elif kind == "end":
+                    scope.prompt_tokens = event["prompt_tokens"]
+                    scope.completion_tokens = event["completion_tokens"]
+                    scope.finish_reason = event["finish_reason"]
+        except MedserveError as error:
+            record = scope.to_record(error.http_status, error.code, "error")
+        except Exception:  # noqa: BLE001 - a shadow must never affect the answered request
+            record = scope.to_record(500, "internal_error", "error")
+        else:
+            scope.output_sha256 = content.hexdigest()  # as the answered stream digests its content
             record = scope.to_record(200, None, "ok")
         await self.recorder.write_shadow(record)
 
@@ -371,16 +415,17 @@ class GatewayState:
         Closing this generator early (the client went away) cancels the call
         on the replica, which stops the generation.
         """
-        local = self._local_engine(entry)
         # Admission (budget, priority slot) holds for the whole stream; its
         # audited tokens count towards the caller's later requests.
         async with self._admitted(entry):
-            if local is not None:
-                responses: Any = _LocalStream(getattr(local, method)(*args))
-            else:
-                responses = getattr(self._stream_handle(entry), method).remote(*args)
-            async for item in self._stream(responses, entry):
+            async for item in self._stream(self._open_stream(entry, method, args), entry):
                 yield item
+
+    def _open_stream(self, entry: CatalogEntry, method: str, args: tuple[Any, ...]) -> Any:
+        local = self._local_engine(entry)
+        if local is not None:
+            return _LocalStream(getattr(local, method)(*args))
+        return getattr(self._stream_handle(entry), method).remote(*args)
 
     def _stream_handle(self, entry: CatalogEntry) -> Any:
         handle = self._stream_handles.get(entry.app_name)

@@ -140,6 +140,8 @@ async def _exchange(
             else:
                 audit.streamed = True
                 events = gateway.stream(entry, "generate_stream", payload)
+                # A shadow candidate gets the same streamed call, read by a task of its own.
+                gateway.mirror_stream(audit, "generate_stream", payload)
                 try:
                     # The replica checks the prompt before its first event.
                     start = await events.__anext__()
