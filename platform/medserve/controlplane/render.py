@@ -254,6 +254,8 @@ def render_compliance_app(options: RenderOptions) -> dict[str, Any]:
         "route_prefix": None,
         "import_path": COMPLIANCE_IMPORT_PATH,
         "args": {"settings": dict(options.compliance_settings)},
+        # No HTTP port of its own either (see MODEL_APP_ENV): nothing calls it over the network.
+        "runtime_env": {"env_vars": dict(MODEL_APP_ENV)},
         "deployments": [
             {
                 "name": COMPLIANCE_DEPLOYMENT,

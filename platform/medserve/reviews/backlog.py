@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from medserve.db.models import AuditRecord, Review
+from medserve.db.models import AuditRecord, Review, StoredResult
 from medserve.metrics import PENDING_AGE_BUCKETS as AGE_BUCKETS
 from medserve.metrics import REVIEW_DECISION_VALUES as DECISIONS
 from medserve.reviews.service import _reviewable
@@ -52,6 +52,8 @@ def backlog(session: Session, now: datetime) -> Backlog:
     )
     query = (
         select(AuditRecord.department, func.min(AuditRecord.created_at), *columns)
+        # An LLM answer is reviewable through its stored result (the queue's own join).
+        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
         .outerjoin(Review, Review.inference_id == AuditRecord.id)
         .where(*pending_filter)
         .group_by(AuditRecord.department)
@@ -67,7 +69,12 @@ def backlog(session: Session, now: datetime) -> Backlog:
 
     # Every version with reviewable results gets all three decisions (0 until made),
     # so an override rate reads 0/n rather than "no data".
-    versions = select(AuditRecord.model_name, AuditRecord.model_version).where(_reviewable()).distinct()
+    versions = (
+        select(AuditRecord.model_name, AuditRecord.model_version)
+        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
+        .where(_reviewable())
+        .distinct()
+    )
     for model, version in session.execute(versions):
         for decision in DECISIONS:
             result.decisions[(model or NONE, version or NONE, decision)] = 0
