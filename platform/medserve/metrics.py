@@ -104,7 +104,7 @@ LLM_INTER_TOKEN = _define(
 # --- audit trail -----------------------------------------------------------------
 AUDIT_QUEUE_DEPTH = _define(
     "medserve_audit_queue_depth", "gauge",
-    "Audit records waiting for the writer thread of one gateway replica.",
+    "Audit records one gateway replica has handed to its audit writer process and not yet seen acknowledged.",
     ("replica",),
 )
 AUDIT_SPOOL_RECORDS = _define(
