@@ -20,7 +20,7 @@ import psutil
 import pytest
 from ray._common.network_utils import node_ip_address_from_perspective
 
-from medserve.controlplane.local_ray import NETWORK_LISTENERS, STATE_FILE, is_loopback
+from medserve.controlplane.local_ray import STATE_FILE, is_loopback, named_network_listener
 from medserve.specs import load_catalog
 
 from .conftest import Platform, running_platform
@@ -73,7 +73,7 @@ def test_every_listener_of_the_ray_session_is_on_loopback(platform: Platform):
     assert sum("ServeReplica:model-" in name for _, _, name, _ in listeners) >= 4, "the catalog's model replicas"
     off_loopback = [
         entry for entry in listeners
-        if not is_loopback(entry[0]) and not any(allowed.matches(*entry) for allowed in NETWORK_LISTENERS)
+        if not is_loopback(entry[0]) and not named_network_listener(entry[0], entry[2])
     ]
     assert off_loopback == [], "\n".join(f"{ip}:{port} pid {pid} {name}" for ip, port, name, pid in off_loopback)
 
@@ -84,7 +84,7 @@ def test_what_ray_leaves_on_the_network_refuses_a_caller_without_rays_token(plat
     assert not is_loopback(address), address
     listeners = _listeners(_session_processes(platform))
     allowed = [port for ip, port, name, pid in listeners
-               if not is_loopback(ip) and any(entry.matches(ip, port, name, pid) for entry in NETWORK_LISTENERS)]
+               if named_network_listener(ip, name)]
     assert len(allowed) >= 5, "one inter-deployment gRPC server per replica: the gateway and four models"
     for port in allowed:
         with grpc.insecure_channel(f"{address}:{port}") as channel:
@@ -127,7 +127,7 @@ def test_the_gateway_host_setting_opens_the_gateway_and_nothing_else(open_gatewa
     listeners = _listeners(_session_processes(open_gateway))
     opened = {
         (ip, port, name.split()[0]) for ip, port, name, pid in listeners
-        if not is_loopback(ip) and not any(allowed.matches(ip, port, name, pid) for allowed in NETWORK_LISTENERS)
+        if not is_loopback(ip) and not named_network_listener(ip, name)
     }
     gateway_ports = {(ip, port) for ip, port, name in opened if name == "ray::ServeReplica:gateway:Gateway"}
     assert opened == {("0.0.0.0", open_gateway.settings.gateway_port, "ray::ProxyActor")} | {

@@ -59,7 +59,7 @@ class NetworkListener:
     addresses: tuple[str, ...]  # the addresses it listens on
     why: str
 
-    def matches(self, ip: str, port: int, command_line: str, pid: int) -> bool:
+    def matches(self, ip: str, command_line: str) -> bool:
         return self.component in command_line and ip in self.addresses
 
 
@@ -85,6 +85,11 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+def named_network_listener(ip: str, command_line: str) -> bool:
+    """True for a listener off loopback that NETWORK_LISTENERS names (Ray cannot be held to loopback there)."""
+    return not is_loopback(ip) and any(listener.matches(ip, command_line) for listener in NETWORK_LISTENERS)
 
 
 def ray_environment(settings: Settings) -> dict[str, str]:

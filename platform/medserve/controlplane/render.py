@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medserve.audit.monitor import COMPLIANCE_APP, COMPLIANCE_DEPLOYMENT
 from medserve.catalog import CatalogEntry
 from medserve.engines.registry import ENGINES
 from medserve.registry.routing import version_app_name
@@ -24,9 +25,8 @@ GATEWAY_DEPLOYMENT = "Gateway"
 ENGINE_DEPLOYMENT = "ModelServer"
 # A string, not an import: the control plane names the gateway's application, never loads it.
 GATEWAY_IMPORT_PATH = "medserve.gateway.app:build_app"
-# The compliance monitor (periodic audit verification, review backlog metrics): one replica per cluster.
-COMPLIANCE_APP = "compliance"
-COMPLIANCE_DEPLOYMENT = "ComplianceMonitor"
+# The compliance monitor (periodic audit verification, review backlog metrics): one replica per cluster; its
+# application and deployment names come from the monitor's module (importing it loads no Ray).
 COMPLIANCE_IMPORT_PATH = "medserve.audit.monitor:build_app"
 COMPLIANCE_SETTING_NAMES = ("audit_verify_interval_s", "review_metrics_interval_s")
 # The vllm application's ingress only relays tokens; the GPUs belong to Ray Serve LLM's deployment.
@@ -163,9 +163,10 @@ def replica_config(spec: DeploymentSpec) -> dict[str, Any]:
     return config
 
 
-# A model application's replicas open no HTTP port of their own. With direct ingress (RAY_SERVE_THROUGHPUT_OPTIMIZED)
-# Ray Serve gives every application's ingress replica one, on the gateway's host: MEDSERVE_GATEWAY_HOST=0.0.0.0
-# would put each model on the network, beside the gateway that authenticates and audits its callers.
+# Every application but the gateway opens no HTTP port of its own (render_serve_config sets it on each). With
+# direct ingress (RAY_SERVE_THROUGHPUT_OPTIMIZED) Ray Serve gives every application's ingress replica one, on the
+# gateway's host: MEDSERVE_GATEWAY_HOST=0.0.0.0 would put each model on the network, beside the gateway that
+# authenticates and audits its callers.
 MODEL_APP_ENV: dict[str, str] = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
@@ -180,7 +181,6 @@ def render_model_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, 
         "import_path": engine.app_import_path,
         "args": {"spec": spec.model_dump(mode="json"), "allow_unpinned": options.allow_unpinned_artifacts},
         "deployments": [replica_config(spec)],
-        "runtime_env": {"env_vars": dict(MODEL_APP_ENV)},
     }
 
 
@@ -200,7 +200,6 @@ def render_vllm_app(spec: DeploymentSpec, options: RenderOptions) -> dict[str, A
             "llm_config": llm_config_for(spec),
         },
         "deployments": [adapter],
-        "runtime_env": {"env_vars": dict(MODEL_APP_ENV)},
     }
 
 
@@ -254,8 +253,6 @@ def render_compliance_app(options: RenderOptions) -> dict[str, Any]:
         "route_prefix": None,
         "import_path": COMPLIANCE_IMPORT_PATH,
         "args": {"settings": dict(options.compliance_settings)},
-        # No HTTP port of its own either (see MODEL_APP_ENV): nothing calls it over the network.
-        "runtime_env": {"env_vars": dict(MODEL_APP_ENV)},
         "deployments": [
             {
                 "name": COMPLIANCE_DEPLOYMENT,
@@ -298,10 +295,12 @@ def render_serve_config(
             continue  # loaded by the gateway's replicas: no application of its own
         for version_spec in versions.get(spec.name) or [spec]:
             model_apps.append(render_model_app(served_spec(spec, version_spec), options))
+    # The compliance monitor last: the gateway stays first, the models keep their places.
+    behind_gateway = [*model_apps, *([render_compliance_app(options)] if options.compliance_monitor else [])]
+    for app in behind_gateway:
+        app["runtime_env"] = {"env_vars": dict(MODEL_APP_ENV)}
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options,
-        # The compliance monitor last: the gateway stays first, the models keep their places.
-        "applications": [render_gateway_app(models, options, pipelines_of(specs)), *model_apps]
-        + ([render_compliance_app(options)] if options.compliance_monitor else []),
+        "applications": [render_gateway_app(models, options, pipelines_of(specs)), *behind_gateway],
     }

@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from medserve.db.models import AuditRecord, Review, StoredResult
+from medserve.db.models import AuditRecord, Review
 from medserve.metrics import PENDING_AGE_BUCKETS as AGE_BUCKETS
 from medserve.metrics import REVIEW_DECISION_VALUES as DECISIONS
-from medserve.reviews.service import _reviewable
+from medserve.reviews.service import reviewable
 
 NONE = "none"  # a result with no department (a key bound to none), or no model version
 
@@ -38,7 +38,6 @@ def _department(value: str | None) -> str:
 def backlog(session: Session, now: datetime) -> Backlog:
     """The backlog as of ``now`` (timezone-aware UTC)."""
     result = Backlog()
-    pending_filter = (_reviewable(), Review.id.is_(None))
     bounds = [(name, now - timedelta(seconds=upper)) for name, upper in AGE_BUCKETS[:-1]]
     columns = []
     for index, (name, _lower_time) in enumerate(bounds):
@@ -51,11 +50,9 @@ def backlog(session: Session, now: datetime) -> Backlog:
         func.coalesce(func.sum(case((AuditRecord.created_at <= bounds[-1][1], 1), else_=0)), 0).label(oldest_label)
     )
     query = (
-        select(AuditRecord.department, func.min(AuditRecord.created_at), *columns)
-        # An LLM answer is reviewable through its stored result (the queue's own join).
-        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
+        reviewable(select(AuditRecord.department, func.min(AuditRecord.created_at), *columns))
         .outerjoin(Review, Review.inference_id == AuditRecord.id)
-        .where(*pending_filter)
+        .where(Review.id.is_(None))
         .group_by(AuditRecord.department)
     )
     for row in session.execute(query):
@@ -69,12 +66,7 @@ def backlog(session: Session, now: datetime) -> Backlog:
 
     # Every version with reviewable results gets all three decisions (0 until made),
     # so an override rate reads 0/n rather than "no data".
-    versions = (
-        select(AuditRecord.model_name, AuditRecord.model_version)
-        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
-        .where(_reviewable())
-        .distinct()
-    )
+    versions = reviewable(select(AuditRecord.model_name, AuditRecord.model_version)).distinct()
     for model, version in session.execute(versions):
         for decision in DECISIONS:
             result.decisions[(model or NONE, version or NONE, decision)] = 0

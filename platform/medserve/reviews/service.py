@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -172,8 +172,11 @@ def is_reviewable(record: AuditRecord, stored: StoredResult | None) -> bool:
     return record.operation in REVIEWABLE_OPERATIONS or bool(stored is not None and stored.review_required)
 
 
-def _reviewable():  # type: ignore[no-untyped-def]
-    return (
+def reviewable(query: Select) -> Select:  # type: ignore[type-arg]
+    """``query`` over audit records narrowed to reviewable results, as :func:`is_reviewable` decides for one:
+    answered, not a shadow, and an imaging operation or an answer its policy stored for review (the
+    stored_results row is joined here, so every query that counts results agrees)."""
+    return query.outerjoin(StoredResult, StoredResult.id == AuditRecord.id).where(
         (AuditRecord.outcome == "ok")
         & AuditRecord.shadow.is_(False)
         & (AuditRecord.operation.in_(REVIEWABLE_OPERATIONS) | StoredResult.review_required.is_(True))
@@ -189,10 +192,9 @@ def pending_results(
     The answer's text is listed only where the policy kept it and its retention has not passed.
     """
     query = (
-        select(AuditRecord, StoredResult)
-        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
+        reviewable(select(AuditRecord, StoredResult))
         .outerjoin(Review, Review.inference_id == AuditRecord.id)
-        .where(_reviewable(), Review.id.is_(None))
+        .where(Review.id.is_(None))
         .order_by(AuditRecord.created_at)
         .limit(limit)
     )
@@ -232,7 +234,7 @@ def override_summary(
         return func.coalesce(func.sum(case((Review.decision == decision, 1), else_=0)), 0)
 
     query = (
-        select(
+        reviewable(select(
             AuditRecord.model_name,
             AuditRecord.model_version,
             func.count(AuditRecord.id),
@@ -240,10 +242,8 @@ def override_summary(
             count("accept"),
             count("edit"),
             count("reject"),
-        )
-        .outerjoin(StoredResult, StoredResult.id == AuditRecord.id)
+        ))
         .outerjoin(Review, Review.inference_id == AuditRecord.id)
-        .where(_reviewable())
         .group_by(AuditRecord.model_name, AuditRecord.model_version)
         .order_by(AuditRecord.model_name, AuditRecord.model_version)
     )
