@@ -54,3 +54,16 @@ def tree_cpu_s(roots: Iterable[int]) -> float:
 def cpu_meter(pids: Callable[[], list[int]]) -> Callable[[], float]:
     """A reading function for the load generator: CPU seconds of those processes' trees now."""
     return lambda: tree_cpu_s(pids())
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine spent busy so far (not idle, not waiting on I/O), from /proc/stat.
+
+    Beside a path's own processes this says whether the run was bound by the
+    machine: on a small machine the load generator, Ray's daemons and both
+    sides share the same cores, and a path whose processes leave CPU unused
+    is waiting, not computing.
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    values = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(values) - values[3] - values[4]) / _TICKS_PER_S

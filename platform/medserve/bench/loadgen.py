@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from medserve.bench.cpu import machine_busy_s
+
 
 @dataclass(frozen=True)
 class Request:
@@ -55,6 +57,8 @@ class LoadResult:
     latencies_s: list[float]
     units: int = 0  # e.g. completion tokens, when the caller counts them
     cpu_s: float | None = None  # CPU seconds the measured processes spent inside the window
+    machine_cpu_s: float | None = None  # busy CPU seconds of the whole machine inside the window
+    client_cpu_s: float | None = None  # CPU seconds of this load generator's process inside the window
 
     @property
     def throughput(self) -> float:
@@ -89,9 +93,13 @@ class LoadResult:
             "p99_ms": round(self.percentile_ms(99), 3),
             "units": self.units,
             "units_per_s": round(self.units_per_s, 2),
-            "cpu_us_per_request": (round(self.cpu_s / self.requests * 1e6, 1)
-                                   if self.cpu_s is not None and self.requests else None),
+            "cpu_us_per_request": self._per_request_us(self.cpu_s),
+            "machine_cpu_us_per_request": self._per_request_us(self.machine_cpu_s),
+            "client_cpu_us_per_request": self._per_request_us(self.client_cpu_s),
         }
+
+    def _per_request_us(self, seconds: float | None) -> float | None:
+        return round(seconds / self.requests * 1e6, 1) if seconds is not None and self.requests else None
 
 
 class Connection:
@@ -188,18 +196,19 @@ async def run_load(
         finally:
             connection.close()
 
-    async def cpu_window() -> float | None:
-        """CPU seconds of the measured processes between the window's start and end."""
-        if cpu_of is None:
-            return None
+    async def cpu_window() -> tuple[float | None, float, float]:
+        """CPU seconds between the window's start and end: the measured processes, the machine, this client."""
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-        start = await asyncio.to_thread(cpu_of)
+        start = await asyncio.to_thread(cpu_of) if cpu_of is not None else None
+        machine_start, client_start = machine_busy_s(), time.process_time()
         await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-        return await asyncio.to_thread(cpu_of) - start
+        machine, client = machine_busy_s() - machine_start, time.process_time() - client_start
+        measured = await asyncio.to_thread(cpu_of) - start if cpu_of is not None and start is not None else None
+        return measured, machine, client
 
     cpu_task = asyncio.ensure_future(cpu_window())
     await asyncio.gather(*(worker(*targets[index % len(targets)]) for index in range(concurrency)))
-    cpu_s = await cpu_task
+    cpu_s, machine_cpu_s, client_cpu_s = await cpu_task
     return LoadResult(
         label=label,
         concurrency=concurrency,
@@ -210,6 +219,8 @@ async def run_load(
         latencies_s=latencies,
         units=counters["units"],
         cpu_s=cpu_s,
+        machine_cpu_s=machine_cpu_s,
+        client_cpu_s=client_cpu_s,
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,8 +104,16 @@ class Scenario:
             errors=sum(r.errors for r in self.results), statuses=statuses,
             latencies_s=[latency for r in self.results for latency in r.latencies_s],
             units=sum(r.units for r in self.results),
-            cpu_s=None if any(r.cpu_s is None for r in self.results) else sum(r.cpu_s or 0 for r in self.results),
+            cpu_s=_total(r.cpu_s for r in self.results),
+            machine_cpu_s=_total(r.machine_cpu_s for r in self.results),
+            client_cpu_s=_total(r.client_cpu_s for r in self.results),
         )
+
+
+def _total(values: Iterable[float | None]) -> float | None:
+    """The sum, or None when any round did not measure it."""
+    found = list(values)
+    return None if any(value is None for value in found) else sum(value or 0.0 for value in found)
 
 
 def _alternate(scenarios: list[Scenario], rounds: int, duration_s: float, warmup_s: float) -> list[LoadResult]:
@@ -156,15 +164,20 @@ class BenchReport:
             f"per path, {self.options['replicas']} replica(s) of the raw baseline and of the gateway, "
             f"Ray Serve {'throughput-optimized (direct ingress)' if self.options['throughput_optimized'] else 'default (HTTP proxy)'}",
             "",
-            "| path | conc. | requests | errors | req/s | p50 ms | p95 ms | p99 ms | tokens/s | CPU µs/req |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| path | conc. | requests | errors | req/s | p50 ms | p95 ms | p99 ms | tokens/s | CPU µs/req "
+            "| machine µs/req | client µs/req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def us(value: float | None) -> str:
+            return "" if value is None else f"{value:.0f}"
+
         for r in self.results:
             tokens = f"{r['units_per_s']:.1f}" if r["units"] else ""
-            cpu = "" if r.get("cpu_us_per_request") is None else f"{r['cpu_us_per_request']:.0f}"
             lines.append(f"| {r['label']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
                          f"{r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
-                         f"{tokens} | {cpu} |")
+                         f"{tokens} | {us(r.get('cpu_us_per_request'))} | {us(r.get('machine_cpu_us_per_request'))} | "
+                         f"{us(r.get('client_cpu_us_per_request'))} |")
         lines += ["", "| comparison | throughput ratio | median added (ms) |", "|---|---:|---:|"]
         for ratio in self.ratios:
             lines.append(f"| {ratio['comparison']} | {ratio['throughput_ratio']} | {ratio['median_added_ms']:+.2f} |")

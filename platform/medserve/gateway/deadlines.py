@@ -68,12 +68,19 @@ class Deadlines:
 
 
 _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines]" = weakref.WeakKeyDictionary()
+# The last loop asked for: a replica has one, and a WeakKeyDictionary lookup builds a weak reference per call.
+_last: Deadlines | None = None
 
 
 def deadlines() -> Deadlines:
     """The running event loop's deadlines."""
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last._loop is loop:
+        return last
     found = _by_loop.get(loop)
     if found is None:
         found = _by_loop[loop] = Deadlines(loop)
+    _last = found
     return found
