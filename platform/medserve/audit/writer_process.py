@@ -117,38 +117,66 @@ def _row(record: dict[str, Any]) -> list[Any]:
 
 
 _PG_STAGE = "medserve_audit_in"
+_CHECKPOINT_COLUMNS = tuple(column.name for column in AuditCheckpoint.__table__.columns)
+_checkpoint_values = operator.itemgetter(*_CHECKPOINT_COLUMNS)
 
 
-def _bulk_insert_postgresql(connection: Connection, rows: list[list[Any]], idempotent: bool) -> None:
-    """COPY, PostgreSQL's bulk path (several times a multi-row INSERT's rate).
-
-    A new batch goes straight into audit_records: its records are fresh, or re-sent ones the database
-    was just asked about (their first writer's sessions gone), so a duplicate id cannot occur (and
-    would fail the batch, never drop a row silently). A replay (``idempotent``) may repeat rows a
-    replay that was cut short already committed: it goes through a session-local staging table and
-    one INSERT ... ON CONFLICT (id) DO NOTHING. UUIDs and timestamps may come as text or as objects:
-    COPY's text form takes both.
-    """
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    target = "audit_records"
-    if idempotent:
-        cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (LIKE audit_records) ON COMMIT DELETE ROWS")
-        target = _PG_STAGE
-    with cursor.copy(f"COPY {target} ({_COLUMN_LIST}) FROM STDIN") as copy:
+def _copy_rows(cursor: Any, table: str, rows: list[list[Any]]) -> None:
+    """COPY, PostgreSQL's bulk path (several times a multi-row INSERT's rate). UUIDs and timestamps may
+    come as text (a linked row) or as objects (a spool replay): COPY's text form takes both."""
+    with cursor.copy(f"COPY {table} ({_COLUMN_LIST}) FROM STDIN") as copy:
         write_row = copy.write_row
         for row in rows:
             write_row(row)
-    if idempotent:
-        cursor.execute(
-            f"INSERT INTO audit_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_PG_STAGE} "
-            "ON CONFLICT (id) DO NOTHING"
-        )
+
+
+_PG_CHECKPOINT_INSERT = (
+    f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_CHECKPOINT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+
+
+def _insert_postgresql(driver: Any, rows: list[list[Any]], checkpoints: list[dict[str, Any]]) -> None:
+    """A new batch, on a psycopg connection in autocommit mode.
+
+    Without checkpoints (most batches) the batch is one COPY straight into audit_records, which
+    autocommit makes its own transaction: committed (and flushed to the WAL) when the COPY returns, in
+    two round trips instead of BEGIN, COPY, COPY data and COMMIT. With checkpoints, both in one
+    transaction. Its records are fresh, or re-sent ones the database was just asked about (their first
+    writer's sessions gone), so no id can already be there; a duplicate would fail the batch (and send
+    it to the spool, whose replay is idempotent), never drop a row silently.
+    """
+    cursor = driver.cursor()
+    if not checkpoints:
+        _copy_rows(cursor, "audit_records", rows)
+        return
+    with driver.transaction():
+        if rows:
+            _copy_rows(cursor, "audit_records", rows)
+        cursor.executemany(_PG_CHECKPOINT_INSERT, [_checkpoint_values(row) for row in checkpoints])
+
+
+def _replay_postgresql(connection: Connection, rows: list[list[Any]]) -> None:
+    """Spooled records, inside the caller's transaction. A replay cut short may have committed some
+    already: a session-local staging table and one INSERT ... ON CONFLICT (id) DO NOTHING."""
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (LIKE audit_records) ON COMMIT DELETE ROWS")
+    _copy_rows(cursor, _PG_STAGE, rows)
+    cursor.execute(
+        f"INSERT INTO audit_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_PG_STAGE} "
+        "ON CONFLICT (id) DO NOTHING"
+    )
 
 
 _SQLITE_INSERT = (
     f"INSERT INTO audit_records ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(ROW_COLUMNS))}) "
     "ON CONFLICT (id) DO NOTHING"
 )
+_SQLITE_CHECKPOINT_INSERT = (
+    f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_CHECKPOINT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+_CHECKPOINT_ID, _CHECKPOINT_CREATED = _CHECKPOINT_COLUMNS.index("id"), _CHECKPOINT_COLUMNS.index("created_at")
 
 
 def _uuid_hex(value: Any) -> Any:
@@ -168,21 +196,45 @@ def _sqlite_timestamp(value: Any) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _bulk_insert_sqlite(connection: Connection, rows: list[list[Any]], idempotent: bool) -> None:
-    """One executemany in the driver, values in the exact form SQLAlchemy stores on SQLite (Uuid as hex,
-    UTC timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff'); the ORM reads them back unchanged. ON CONFLICT costs
-    SQLite nothing measurable, so new batches and replays share it."""
+def _sqlite_rows(rows: list[list[Any]]) -> list[list[Any]]:
+    """Values in the exact form SQLAlchemy stores on SQLite (Uuid as hex, UTC timestamps as
+    'YYYY-MM-DD HH:MM:SS.ffffff'): the ORM reads them back unchanged. Copies: the rows may still go to
+    the spool as they were."""
     values = []
     for row in rows:
-        row = list(row)  # a copy: the rows may still go to the spool as they were
+        row = list(row)
         row[_ID_INDEX] = _uuid_hex(row[_ID_INDEX])
         if row[_SHADOW_OF_INDEX] is not None:
             row[_SHADOW_OF_INDEX] = _uuid_hex(row[_SHADOW_OF_INDEX])
         row[_CREATED_INDEX] = _sqlite_timestamp(row[_CREATED_INDEX])
         values.append(row)
+    return values
+
+
+def _insert_sqlite(driver: Any, rows: list[list[Any]], checkpoints: list[dict[str, Any]]) -> None:
+    """A new batch, on the sqlite3 connection: one executemany, one commit. ON CONFLICT costs SQLite
+    nothing measurable, so new batches and replays share the statement."""
+    try:
+        if rows:
+            driver.executemany(_SQLITE_INSERT, _sqlite_rows(rows))
+        if checkpoints:
+            values = []
+            for checkpoint in checkpoints:
+                row = list(_checkpoint_values(checkpoint))
+                row[_CHECKPOINT_ID] = _uuid_hex(row[_CHECKPOINT_ID])
+                row[_CHECKPOINT_CREATED] = _sqlite_timestamp(row[_CHECKPOINT_CREATED])
+                values.append(row)
+            driver.executemany(_SQLITE_CHECKPOINT_INSERT, values)
+        driver.commit()
+    except BaseException:
+        driver.rollback()
+        raise
+
+
+def _replay_sqlite(connection: Connection, rows: list[list[Any]]) -> None:
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.executemany(_SQLITE_INSERT, values)
+        cursor.executemany(_SQLITE_INSERT, _sqlite_rows(rows))
     finally:
         cursor.close()
 
@@ -258,7 +310,7 @@ class WriterProcess:
         self._commits: list[tuple[int, bool, float]] = []
         self._last_stats: tuple[Any, ...] | None = None
         self._replica_gone = False
-        self._held: Connection | None = None
+        self._held: Any = None  # a pool-proxied driver connection
         self._held_used = 0.0
 
     # --- the socket's reading end --------------------------------------------------
@@ -364,7 +416,9 @@ class WriterProcess:
     def run(self) -> None:
         threading.Thread(target=self._read_loop, name="medserve-audit-reader", daemon=True).start()
         self._engine = self._make_engine()
-        self._bulk = _bulk_insert_postgresql if self._engine.dialect.name == "postgresql" else _bulk_insert_sqlite
+        postgresql = self._engine.dialect.name == "postgresql"
+        self._insert_rows = _insert_postgresql if postgresql else _insert_sqlite
+        self._replay_rows = _replay_postgresql if postgresql else _replay_sqlite
         self._checkpoints = _on_conflict_do_nothing(self._engine, AuditCheckpoint.__table__)
         self._scan_orphans()
         if self._orphans:
@@ -544,21 +598,21 @@ class WriterProcess:
         return SPOOLED
 
     def _insert(self, records: list[list[Any]], checkpoints: list[dict[str, Any]]) -> None:
-        """One transaction on a connection held between batches: no pool check-out, pre-ping and
-        reset-on-return round trips per batch. One idle for _HELD_IDLE_S goes back to the pool and the
-        next batch checks one out (pre-pinged): a database restarted meanwhile costs no batch."""
-        connection = self._held
-        if connection is not None and time.monotonic() - self._held_used > _HELD_IDLE_S:
+        """On a driver connection held between batches: no pool check-out, pre-ping and reset-on-return
+        round trips, nor SQLAlchemy's transaction bookkeeping, per batch. One idle for _HELD_IDLE_S goes
+        back to the pool and the next batch checks one out (pre-pinged): a database restarted meanwhile
+        costs no batch. One that failed is discarded."""
+        held = self._held
+        if held is not None and time.monotonic() - self._held_used > _HELD_IDLE_S:
             self._release_held(broken=False)
-            connection = None
+            held = None
         try:
-            if connection is None:
-                connection = self._held = self._engine.connect()
-            with connection.begin():
-                if records:
-                    self._bulk(connection, records, False)
-                if checkpoints:
-                    connection.execute(self._checkpoints, checkpoints)
+            if held is None:
+                held = self._held = self._engine.raw_connection()
+                if self._engine.dialect.name == "postgresql":
+                    held.driver_connection.rollback()  # type: ignore[union-attr] # whatever the pre-ping began
+                    held.driver_connection.autocommit = True  # type: ignore[union-attr]
+            self._insert_rows(held.driver_connection, records, checkpoints)
         except BaseException:
             self._release_held(broken=True)
             raise
@@ -566,13 +620,15 @@ class WriterProcess:
         self._records_committed += len(records)
 
     def _release_held(self, broken: bool) -> None:
-        connection, self._held = self._held, None
-        if connection is None:
+        held, self._held = self._held, None
+        if held is None:
             return
         try:
             if broken:
-                connection.invalidate()  # its state is unknown: closed, not returned to the pool
-            connection.close()
+                held.invalidate()  # its state is unknown: closed, not returned to the pool
+            elif self._engine.dialect.name == "postgresql":
+                held.driver_connection.autocommit = False  # type: ignore[union-attr] # as the pool hands them out
+            held.close()
         except Exception:  # noqa: BLE001 - the connection is going away either way
             pass
 
@@ -613,7 +669,7 @@ class WriterProcess:
                         records = [_row(row) for kind, row in chunk if kind == "r"]
                         checkpoints = [row for kind, row in chunk if kind == "c"]
                         if records:
-                            self._bulk(connection, records, True)
+                            self._replay_rows(connection, records)
                         if checkpoints:
                             connection.execute(self._checkpoints, checkpoints)
             except Exception as error:  # noqa: BLE001
