@@ -1,7 +1,7 @@
 """Audited records per second the AuditWriter sustains into PostgreSQL and SQLite (a benchmark, not a test).
 
 Usage: python benchmarks/audit_writer.py [--records N] [--concurrency C] [--durability strict|batched|both]
-       [--runs R] [--profile]
+       [--database postgresql|sqlite|both] [--runs R] [--profile]
 
 Producers are asyncio tasks calling ``writer.write(record, durable=...)`` the way the gateway's audit scope
 does (strict: each waits for its commit); records are gateway-shaped (digests, pseudonyms, tokens) and
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=512, help="Concurrent in-flight requests.")
     parser.add_argument("--batch-max", type=int, default=500)
     parser.add_argument("--durability", choices=["strict", "batched", "both"], default="strict")
+    parser.add_argument("--database", choices=["postgresql", "sqlite", "both"], default="both")
     parser.add_argument("--runs", type=int, default=2, help="Runs of each database and durability (fresh "
                         "database each); the machine may be shared, so the range is what to read.")
     parser.add_argument("--profile", action="store_true", help="Sample the writer process with py-spy.")
@@ -167,7 +168,7 @@ def main() -> None:
     ranges: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
     with TemporaryPostgres() as pg, tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            for name in ("postgresql", "sqlite"):
+            for name in ("postgresql", "sqlite") if args.database == "both" else (args.database,):
                 for number in range(args.runs):
                     url = (pg.create_database() if name == "postgresql"
                            else f"sqlite:///{Path(tmp) / f'{mode}-{number}.db'}")
