@@ -21,7 +21,9 @@ import hmac
 import json
 import operator
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
+from json.encoder import c_make_encoder, encode_basestring_ascii
 from typing import Any
 
 
@@ -42,7 +44,19 @@ _ID, _CREATED, _LATENCY, _TTFT, _SHADOW, _SHADOW_OF = (
     for name in ("id", "created_at", "latency_ms", "time_to_first_token_ms", "shadow", "shadow_of")
 )
 _hashed_values = operator.itemgetter(*HASHED_COLUMNS)
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_RECORD_PREFIX = b"medserve-audit-record-v1:"
+_UTC = timezone.utc
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+if c_make_encoder is not None:
+    # The C encoder JSONEncoder.encode builds on every call, built once: the same bytes (same separators,
+    # ASCII escapes, float repr, allow_nan) without the per-call set-up; markers=None only skips the
+    # circular-reference check, which a flat list of scalars cannot need.
+    _c_encoder = c_make_encoder(None, _json.default, encode_basestring_ascii, None, ":", ",", False, False, True)
+
+    def _encode(values: list[Any]) -> str:
+        return "".join(_c_encoder(values, 0))
+else:  # pragma: no cover - CPython always has the C accelerator
+    _encode = _json.encode
 
 
 def _timestamp(value: datetime) -> str:
@@ -76,7 +90,7 @@ def canonical_checkpoint(row: dict[str, Any]) -> bytes:
 
 
 def record_hash(key: bytes, row: dict[str, Any]) -> str:
-    return hmac.new(key, b"medserve-audit-record-v1:" + canonical_record(row), hashlib.sha256).hexdigest()
+    return hmac.new(key, _RECORD_PREFIX + canonical_record(row), hashlib.sha256).hexdigest()
 
 
 def checkpoint_signature(key: bytes, row: dict[str, Any]) -> str:
@@ -97,6 +111,24 @@ def make_checkpoint(key: bytes, chain_id: str, seq: int, last_hash: str, kind: s
     return row
 
 
+CHAIN_COLUMNS = ("chain_id", "seq", "prev_hash", "record_hash")
+
+
+class RowLayout:
+    """Records as value lists rather than dicts (the writer process's hot path): ``input_columns`` in
+    that order, then :data:`CHAIN_COLUMNS`, which :meth:`Chain.link_values` fills in."""
+
+    def __init__(self, input_columns: Sequence[str]) -> None:
+        self.columns = (*input_columns, *CHAIN_COLUMNS)
+        missing = set(HASHED_COLUMNS) - set(self.columns)
+        if missing:
+            raise ValueError(f"hashed columns missing from the row layout: {sorted(missing)}")
+        at = self.columns.index
+        self.hashed = operator.itemgetter(*(at(name) for name in HASHED_COLUMNS))
+        self.created, self.shadow = at("created_at"), at("shadow")
+        self.width = len(input_columns)
+
+
 class Chain:
     """The running state of one writer's chain (used from the writer thread only)."""
 
@@ -106,6 +138,8 @@ class Chain:
         self.seq = 0
         self.last_hash = GENESIS
         self.since_checkpoint = 0
+        # The key and the record prefix absorbed once; each record hash continues a copy of it.
+        self._record_mac = hmac.new(key, _RECORD_PREFIX, hashlib.sha256)
 
     def link(self, record: dict[str, Any]) -> dict[str, Any]:
         """Give a record its place in the chain (mutates and returns it)."""
@@ -119,6 +153,34 @@ class Chain:
         self.last_hash = record["record_hash"]
         self.since_checkpoint += 1
         return record
+
+    def link_values(self, values: list[Any], layout: RowLayout) -> list[Any]:
+        """The record given as values in ``layout``'s input order, linked: a new list with the chain's
+        columns appended. Gives exactly :func:`record_hash`'s hash of the same record as a dict; the
+        stored row carries created_at as the UTC ISO text it was hashed as, and shadow as a bool. Raises
+        (and leaves the chain as it was) for a record that cannot be hashed (no created_at, ...)."""
+        if len(values) != layout.width:
+            raise ValueError("a record with the wrong number of columns")
+        seq = self.seq + 1
+        row = [*values, self.chain_id, seq, self.last_hash, None]
+        created = row[layout.created]
+        row[layout.created] = (created.isoformat(timespec="microseconds") if created.tzinfo is _UTC
+                               else _timestamp(created))
+        row[layout.shadow] = bool(row[layout.shadow])
+        hashed = list(layout.hashed(row))
+        hashed[_ID] = str(hashed[_ID])
+        if hashed[_LATENCY] is not None:
+            hashed[_LATENCY] = float(hashed[_LATENCY])
+        if hashed[_TTFT] is not None:
+            hashed[_TTFT] = float(hashed[_TTFT])
+        if hashed[_SHADOW_OF] is not None:
+            hashed[_SHADOW_OF] = str(hashed[_SHADOW_OF])
+        mac = self._record_mac.copy()
+        mac.update(_encode(hashed).encode())
+        row[-1] = self.last_hash = mac.hexdigest()
+        self.seq = seq
+        self.since_checkpoint += 1
+        return row
 
     def checkpoint(self, kind: str, created_at: datetime) -> dict[str, Any]:
         self.since_checkpoint = 0

@@ -41,14 +41,8 @@ from typing import Any
 
 import medserve
 from medserve import metrics
-from medserve.audit.writer_process import (
-    COMMITTED,
-    INPUT_COLUMNS,
-    SPOOLED,
-    SpoolFile,
-    read_frame,
-    send_frame,
-)
+from medserve.audit.spool import SpoolFile
+from medserve.audit.writer_process import COMMITTED, INPUT_COLUMNS, SPOOLED, read_frame, send_frame
 from medserve.errors import AuditUnavailableError
 
 __all__ = ["COMMITTED", "SPOOLED", "AuditWriter", "SpoolFile"]

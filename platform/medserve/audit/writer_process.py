@@ -40,8 +40,6 @@ this module's code, on one host, over a private socket pair).
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import json
 import logging
 import operator
 import os
@@ -54,13 +52,14 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import Connection, Engine, create_engine
 
-from medserve.audit.chain import Chain
+from medserve.audit.chain import CHAIN_COLUMNS, Chain, RowLayout
+from medserve.audit.spool import SpoolFile, spooled_ids
 from medserve.db.engine import database_error_name, get_engine
 from medserve.db.models import AuditCheckpoint, AuditRecord, utcnow
 
@@ -72,6 +71,7 @@ _REPLAY_CHUNK = 2000
 _ORPHAN_SCAN_S = 10.0
 IN_DOUBT_GIVE_UP_S = 30.0
 _DEAD_SESSION_WAIT_S = 10.0
+_HELD_IDLE_S = 1.0
 
 # --- the wire --------------------------------------------------------------------
 
@@ -98,36 +98,70 @@ def read_frame(stream: BinaryIO) -> Any:
 # --- records ---------------------------------------------------------------------
 
 _COLUMNS = [column.name for column in AuditRecord.__table__.columns]
-_COLUMN_LIST = ", ".join(_COLUMNS)
-_column_values = operator.itemgetter(*_COLUMNS)
-CHAIN_COLUMNS = ("chain_id", "seq", "prev_hash", "record_hash")
 # What the replica sends, in this order: every column but the chain's (the gateway's record dict).
 INPUT_COLUMNS = tuple(name for name in _COLUMNS if name not in CHAIN_COLUMNS)
-
+# A record inside this process: a list of the input values, then the chain's columns (chain.RowLayout).
+_LAYOUT = RowLayout(INPUT_COLUMNS)
+ROW_COLUMNS = _LAYOUT.columns
+_COLUMN_LIST = ", ".join(ROW_COLUMNS)
+_row_values = operator.itemgetter(*ROW_COLUMNS)
+_ID_INDEX, _CREATED_INDEX, _SHADOW_OF_INDEX = (ROW_COLUMNS.index(name) for name in ("id", "created_at", "shadow_of"))
 
 
 def _row(record: dict[str, Any]) -> list[Any]:
+    """A spooled record (a dict) as a row."""
     try:
-        return list(_column_values(record))
+        return list(_row_values(record))
     except KeyError:  # a partial record: absent columns are NULL
-        return [record.get(name) for name in _COLUMNS]
+        return [record.get(name) for name in ROW_COLUMNS]
 
 
 _PG_STAGE = "medserve_audit_in"
+_CHECKPOINT_COLUMNS = tuple(column.name for column in AuditCheckpoint.__table__.columns)
+_checkpoint_values = operator.itemgetter(*_CHECKPOINT_COLUMNS)
 
 
-def _bulk_insert_postgresql(connection: Connection, records: list[dict[str, Any]]) -> None:
-    """COPY into a session-local staging table, then one INSERT ... ON CONFLICT (id) DO NOTHING.
+def _copy_rows(cursor: Any, table: str, rows: list[list[Any]]) -> None:
+    """COPY, PostgreSQL's bulk path (several times a multi-row INSERT's rate). UUIDs and timestamps may
+    come as text (a linked row) or as objects (a spool replay): COPY's text form takes both."""
+    with cursor.copy(f"COPY {table} ({_COLUMN_LIST}) FROM STDIN") as copy:
+        write_row = copy.write_row
+        for row in rows:
+            write_row(row)
 
-    COPY is PostgreSQL's bulk path (several times a multi-row INSERT's rate);
-    the staging table keeps the idempotence that replay needs. UUIDs may come
-    as text (the wire) or uuid.UUID (a spool replay): COPY's text form takes both.
+
+_PG_CHECKPOINT_INSERT = (
+    f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_CHECKPOINT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+
+
+def _insert_postgresql(driver: Any, rows: list[list[Any]], checkpoints: list[dict[str, Any]]) -> None:
+    """A new batch, on a psycopg connection in autocommit mode.
+
+    Without checkpoints (most batches) the batch is one COPY straight into audit_records, which
+    autocommit makes its own transaction: committed (and flushed to the WAL) when the COPY returns, in
+    two round trips instead of BEGIN, COPY, COPY data and COMMIT. With checkpoints, both in one
+    transaction. Its records are fresh, or re-sent ones the database was just asked about (their first
+    writer's sessions gone), so no id can already be there; a duplicate would fail the batch (and send
+    it to the spool, whose replay is idempotent), never drop a row silently.
     """
+    cursor = driver.cursor()
+    if not checkpoints:
+        _copy_rows(cursor, "audit_records", rows)
+        return
+    with driver.transaction():
+        if rows:
+            _copy_rows(cursor, "audit_records", rows)
+        cursor.executemany(_PG_CHECKPOINT_INSERT, [_checkpoint_values(row) for row in checkpoints])
+
+
+def _replay_postgresql(connection: Connection, rows: list[list[Any]]) -> None:
+    """Spooled records, inside the caller's transaction. A replay cut short may have committed some
+    already: a session-local staging table and one INSERT ... ON CONFLICT (id) DO NOTHING."""
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (LIKE audit_records) ON COMMIT DELETE ROWS")
-    with cursor.copy(f"COPY {_PG_STAGE} ({_COLUMN_LIST}) FROM STDIN") as copy:
-        for record in records:
-            copy.write_row(_column_values(record) if len(record) == len(_COLUMNS) else _row(record))
+    _copy_rows(cursor, _PG_STAGE, rows)
     cursor.execute(
         f"INSERT INTO audit_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_PG_STAGE} "
         "ON CONFLICT (id) DO NOTHING"
@@ -135,9 +169,14 @@ def _bulk_insert_postgresql(connection: Connection, records: list[dict[str, Any]
 
 
 _SQLITE_INSERT = (
-    f"INSERT INTO audit_records ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+    f"INSERT INTO audit_records ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(ROW_COLUMNS))}) "
+    "ON CONFLICT (id) DO NOTHING"
 )
-_ID_INDEX, _CREATED_INDEX, _SHADOW_OF_INDEX = (_COLUMNS.index(name) for name in ("id", "created_at", "shadow_of"))
+_SQLITE_CHECKPOINT_INSERT = (
+    f"INSERT INTO audit_checkpoints ({', '.join(_CHECKPOINT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_CHECKPOINT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+_CHECKPOINT_ID, _CHECKPOINT_CREATED = _CHECKPOINT_COLUMNS.index("id"), _CHECKPOINT_COLUMNS.index("created_at")
 
 
 def _uuid_hex(value: Any) -> Any:
@@ -149,18 +188,55 @@ def _uuid_hex(value: Any) -> Any:
     return value
 
 
-def _bulk_insert_sqlite(connection: Connection, records: list[dict[str, Any]]) -> None:
-    """One executemany in the driver, values in the exact form SQLAlchemy stores on SQLite (Uuid as hex,
-    UTC timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff'); the ORM reads them back unchanged."""
-    rows = []
-    for record in records:
-        row = _row(record)
+def _sqlite_timestamp(value: Any) -> str:
+    """SQLAlchemy's DateTime on SQLite: 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC, from the UTC ISO text a
+    linked row carries (``2026-01-02T03:04:05.000006+00:00``) or from a datetime (a spool replay)."""
+    if isinstance(value, str):
+        return f"{value[:10]} {value[11:26]}"
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _sqlite_rows(rows: list[list[Any]]) -> list[list[Any]]:
+    """Values in the exact form SQLAlchemy stores on SQLite (Uuid as hex, UTC timestamps as
+    'YYYY-MM-DD HH:MM:SS.ffffff'): the ORM reads them back unchanged. Copies: the rows may still go to
+    the spool as they were."""
+    values = []
+    for row in rows:
+        row = list(row)
         row[_ID_INDEX] = _uuid_hex(row[_ID_INDEX])
         if row[_SHADOW_OF_INDEX] is not None:
             row[_SHADOW_OF_INDEX] = _uuid_hex(row[_SHADOW_OF_INDEX])
-        row[_CREATED_INDEX] = row[_CREATED_INDEX].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
-        rows.append(tuple(row))
-    connection.exec_driver_sql(_SQLITE_INSERT, rows)
+        row[_CREATED_INDEX] = _sqlite_timestamp(row[_CREATED_INDEX])
+        values.append(row)
+    return values
+
+
+def _insert_sqlite(driver: Any, rows: list[list[Any]], checkpoints: list[dict[str, Any]]) -> None:
+    """A new batch, on the sqlite3 connection: one executemany, one commit. ON CONFLICT costs SQLite
+    nothing measurable, so new batches and replays share the statement."""
+    try:
+        if rows:
+            driver.executemany(_SQLITE_INSERT, _sqlite_rows(rows))
+        if checkpoints:
+            values = []
+            for checkpoint in checkpoints:
+                row = list(_checkpoint_values(checkpoint))
+                row[_CHECKPOINT_ID] = _uuid_hex(row[_CHECKPOINT_ID])
+                row[_CHECKPOINT_CREATED] = _sqlite_timestamp(row[_CHECKPOINT_CREATED])
+                values.append(row)
+            driver.executemany(_SQLITE_CHECKPOINT_INSERT, values)
+        driver.commit()
+    except BaseException:
+        driver.rollback()
+        raise
+
+
+def _replay_sqlite(connection: Connection, rows: list[list[Any]]) -> None:
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(_SQLITE_INSERT, _sqlite_rows(rows))
+    finally:
+        cursor.close()
 
 
 def _on_conflict_do_nothing(engine: Engine, table: Any) -> Any:
@@ -171,117 +247,6 @@ def _on_conflict_do_nothing(engine: Engine, table: Any) -> Any:
     else:  # pragma: no cover - medserve supports SQLite and PostgreSQL
         raise NotImplementedError(engine.dialect.name)
     return insert(table).on_conflict_do_nothing(index_elements=["id"])
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
-
-
-def _from_json(row: dict[str, Any]) -> dict[str, Any]:
-    row["id"] = uuid.UUID(row["id"])
-    row["created_at"] = datetime.fromisoformat(row["created_at"])
-    return row
-
-
-class SpoolFile:
-    """An append-only JSON-lines file of records and checkpoints, held under an exclusive lock."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.fd = fd
-        self.pending = 0  # records waiting in the file
-        self.entries = 0  # records and checkpoints waiting in the file
-
-    @classmethod
-    def create(cls, path: Path) -> "SpoolFile":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return cls(path, fd)
-
-    @classmethod
-    def adopt(cls, path: Path) -> "SpoolFile | None":
-        """The spool of a writer that is gone (its lock is free), or None while its owner lives."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        spool = cls(path, fd)
-        entries = spool.read()
-        spool.entries = len(entries)
-        spool.pending = sum(1 for kind, _ in entries if kind == "r")
-        return spool
-
-    def append(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
-        lines = [json.dumps({"r": {k: _to_json(v) for k, v in row.items()}}) for row in records]
-        lines += [json.dumps({"c": {k: _to_json(v) for k, v in row.items()}}) for row in checkpoints]
-        data = ("\n".join(lines) + "\n").encode()
-        written = 0
-        while written < len(data):
-            written += os.write(self.fd, data[written:])
-        os.fsync(self.fd)
-        self.pending += len(records)
-        self.entries += len(records) + len(checkpoints)
-
-    def read(self) -> list[tuple[str, dict[str, Any]]]:
-        return read_spool(self.path)
-
-    def clear(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.fsync(self.fd)
-        self.pending = self.entries = 0
-
-    def release(self) -> None:
-        os.close(self.fd)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.pending = self.entries = 0
-
-
-def read_spool(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    entries: list[tuple[str, dict[str, Any]]] = []
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle):
-            try:
-                item = json.loads(line)
-            except ValueError:
-                # A line cut short by a crash: its records were never acknowledged.
-                logger.warning("audit spool %s: ignoring an incomplete line %d", path.name, number + 1)
-                continue
-            kind = "r" if "r" in item else "c"
-            entries.append((kind, _from_json(item[kind])))
-    return entries
-
-
-def _spooled_ids(spool_dir: Path | None) -> set[str]:
-    """Ids of the records in every spool file on the directory, held by anyone (reading needs no lock)."""
-    found: set[str] = set()
-    if spool_dir is None or not spool_dir.is_dir():
-        return found
-    for path in spool_dir.glob("*.jsonl"):
-        try:
-            with open(path, "rb") as handle:
-                for line in handle:
-                    try:
-                        item = json.loads(line)
-                    except ValueError:
-                        continue  # cut short by a crash: never acknowledged
-                    if "r" in item:
-                        found.add(str(item["r"]["id"]))
-        except FileNotFoundError:  # replayed and removed meanwhile: its records are in the database
-            continue
-    return found
 
 
 # --- log lines travel to the replica ---------------------------------------------
@@ -309,8 +274,9 @@ class _ForwardingHandler(logging.Handler):
 # --- the process -----------------------------------------------------------------
 
 _EOF = object()
-# (the replica's sequence number, the record as a dict)
-_Item = tuple[int, dict[str, Any]]
+# (the replica's sequence number, the record's values in INPUT_COLUMNS order)
+_Item = tuple[int, list[Any]]
+_ID_AT = INPUT_COLUMNS.index("id")
 
 
 class WriterProcess:
@@ -344,6 +310,8 @@ class WriterProcess:
         self._commits: list[tuple[int, bool, float]] = []
         self._last_stats: tuple[Any, ...] | None = None
         self._replica_gone = False
+        self._held: Any = None  # a pool-proxied driver connection
+        self._held_used = 0.0
 
     # --- the socket's reading end --------------------------------------------------
 
@@ -351,8 +319,7 @@ class WriterProcess:
         try:
             while True:
                 kind, items = read_frame(self._stream)
-                self._inbox.put((kind == "in_doubt", [(seqno, dict(zip(INPUT_COLUMNS, values)))
-                                                      for seqno, values in items]))
+                self._inbox.put((kind == "in_doubt", items))
         except (EOFError, OSError):
             pass
         finally:
@@ -449,7 +416,9 @@ class WriterProcess:
     def run(self) -> None:
         threading.Thread(target=self._read_loop, name="medserve-audit-reader", daemon=True).start()
         self._engine = self._make_engine()
-        self._bulk = _bulk_insert_postgresql if self._engine.dialect.name == "postgresql" else _bulk_insert_sqlite
+        postgresql = self._engine.dialect.name == "postgresql"
+        self._insert_rows = _insert_postgresql if postgresql else _insert_sqlite
+        self._replay_rows = _replay_postgresql if postgresql else _replay_sqlite
         self._checkpoints = _on_conflict_do_nothing(self._engine, AuditCheckpoint.__table__)
         self._scan_orphans()
         if self._orphans:
@@ -479,6 +448,7 @@ class WriterProcess:
                 return
 
     def _shutdown(self) -> None:
+        self._release_held(broken=False)
         if self._spooled_entries():
             self._replay()
         for spool in [*self._orphans, *([self._own_spool] if self._own_spool else [])]:
@@ -496,11 +466,11 @@ class WriterProcess:
         """Ack the in-doubt records already durable (in a spool file or the database) without linking
         them again; return the others, to be linked. While the database cannot be asked, the ones in no
         spool wait: the dead process may have committed them."""
-        ids = {str(record["id"]) for _, record in self._in_doubt}
-        spooled = _spooled_ids(self._spool_dir) & ids  # first: a replay commits before it empties a spool
-        found_spooled = [item for item in self._in_doubt if str(item[1]["id"]) in spooled]
+        ids = {str(values[_ID_AT]) for _, values in self._in_doubt}
+        spooled = spooled_ids(self._spool_dir) & ids  # first: a replay commits before it empties a spool
+        found_spooled = [item for item in self._in_doubt if str(item[1][_ID_AT]) in spooled]
         self._ack(found_spooled, SPOOLED)
-        self._in_doubt = [item for item in self._in_doubt if str(item[1]["id"]) not in spooled]
+        self._in_doubt = [item for item in self._in_doubt if str(item[1][_ID_AT]) not in spooled]
         try:
             self._wait_for_dead_sessions()
             committed = self._ids_in_database(ids - spooled)
@@ -511,8 +481,8 @@ class WriterProcess:
                 self._ack(self._in_doubt, None)
                 self._in_doubt = []
             return []
-        found_committed = [item for item in self._in_doubt if str(item[1]["id"]) in committed]
-        unknown = [item for item in self._in_doubt if str(item[1]["id"]) not in committed]
+        found_committed = [item for item in self._in_doubt if str(item[1][_ID_AT]) in committed]
+        unknown = [item for item in self._in_doubt if str(item[1][_ID_AT]) not in committed]
         self._ack(found_committed, COMMITTED)
         if found_committed or found_spooled:
             logger.warning("%d re-sent audit record(s) were already durable (their ack was lost): not linked "
@@ -562,20 +532,26 @@ class WriterProcess:
     def _persist_batch(self, batch: list[_Item], stop: bool) -> None:
         chain = self._chain
         saved = (chain.seq, chain.last_hash, chain.since_checkpoint)
-        records, linked, refused = [], [], []
-        for item in batch:
-            # A malformed record (a bug upstream) is refused alone; it must not
-            # take the writer down with it, or every later durable write would wait.
-            link_state = (chain.seq, chain.last_hash, chain.since_checkpoint)
-            try:
-                records.append(chain.link(item[1]))
-            except Exception as error:  # noqa: BLE001
-                chain.seq, chain.last_hash, chain.since_checkpoint = link_state
-                logger.error("malformed audit record refused (%s)", type(error).__name__)
-                refused.append(item)
-            else:
-                linked.append(item)
-        self._ack(refused, None)
+        records: list[list[Any]] = []
+        link = chain.link_values
+        try:
+            records = [link(values, _LAYOUT) for _, values in batch]
+            linked = batch
+        except Exception:  # noqa: BLE001 - a malformed record: link one by one to refuse it alone
+            chain.seq, chain.last_hash, chain.since_checkpoint = saved
+            records, linked, refused = [], [], []
+            for item in batch:
+                # A malformed record (a bug upstream) is refused alone; it must not take the
+                # writer down with it, or every later durable write would wait. A failed link
+                # leaves the chain as it was.
+                try:
+                    records.append(link(item[1], _LAYOUT))
+                except Exception as error:  # noqa: BLE001
+                    logger.error("malformed audit record refused (%s)", type(error).__name__)
+                    refused.append(item)
+                else:
+                    linked.append(item)
+            self._ack(refused, None)
         checkpoints = list(self._pending_checkpoints)
         if chain.since_checkpoint >= self._checkpoint_every or (stop and records) or (stop and chain.seq):
             checkpoints.append(chain.checkpoint("close" if stop else "periodic", utcnow()))
@@ -595,7 +571,7 @@ class WriterProcess:
         self._pending_checkpoints = []
         self._ack(linked, landed)
 
-    def _persist(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:
+    def _persist(self, records: list[list[Any]], checkpoints: list[dict[str, Any]]) -> str:
         """COMMITTED or SPOOLED; raises when neither the database nor the spool took them."""
         if self._spooled_entries() == 0:
             started = time.perf_counter()
@@ -617,17 +593,44 @@ class WriterProcess:
             raise RuntimeError("audit records are spooled but no spool directory is set")
         if self._own_spool is None:
             self._own_spool = SpoolFile.create(self._spool_dir / f"{self._chain.chain_id}.jsonl")
-        self._own_spool.append(records, checkpoints)
+        self._own_spool.append([dict(zip(ROW_COLUMNS, row)) for row in records], checkpoints)
         self._records_spooled += len(records)
         return SPOOLED
 
-    def _insert(self, records: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> None:
-        with self._engine.begin() as connection:
-            if records:
-                self._bulk(connection, records)
-            if checkpoints:
-                connection.execute(self._checkpoints, checkpoints)
+    def _insert(self, records: list[list[Any]], checkpoints: list[dict[str, Any]]) -> None:
+        """On a driver connection held between batches: no pool check-out, pre-ping and reset-on-return
+        round trips, nor SQLAlchemy's transaction bookkeeping, per batch. One idle for _HELD_IDLE_S goes
+        back to the pool and the next batch checks one out (pre-pinged): a database restarted meanwhile
+        costs no batch. One that failed is discarded."""
+        held = self._held
+        if held is not None and time.monotonic() - self._held_used > _HELD_IDLE_S:
+            self._release_held(broken=False)
+            held = None
+        try:
+            if held is None:
+                held = self._held = self._engine.raw_connection()
+                if self._engine.dialect.name == "postgresql":
+                    held.driver_connection.rollback()  # type: ignore[union-attr] # whatever the pre-ping began
+                    held.driver_connection.autocommit = True  # type: ignore[union-attr]
+            self._insert_rows(held.driver_connection, records, checkpoints)
+        except BaseException:
+            self._release_held(broken=True)
+            raise
+        self._held_used = time.monotonic()
         self._records_committed += len(records)
+
+    def _release_held(self, broken: bool) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            if broken:
+                held.invalidate()  # its state is unknown: closed, not returned to the pool
+            elif self._engine.dialect.name == "postgresql":
+                held.driver_connection.autocommit = False  # type: ignore[union-attr] # as the pool hands them out
+            held.close()
+        except Exception:  # noqa: BLE001 - the connection is going away either way
+            pass
 
     # --- spool replay --------------------------------------------------------------
 
@@ -663,10 +666,10 @@ class WriterProcess:
                 with self._engine.begin() as connection:
                     for start in range(0, len(entries), _REPLAY_CHUNK):
                         chunk = entries[start : start + _REPLAY_CHUNK]
-                        records = [row for kind, row in chunk if kind == "r"]
+                        records = [_row(row) for kind, row in chunk if kind == "r"]
                         checkpoints = [row for kind, row in chunk if kind == "c"]
                         if records:
-                            self._bulk(connection, records)
+                            self._replay_rows(connection, records)
                         if checkpoints:
                             connection.execute(self._checkpoints, checkpoints)
             except Exception as error:  # noqa: BLE001
