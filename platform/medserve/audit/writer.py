@@ -55,6 +55,10 @@ _ID_AT, _SHADOW_OF_AT = INPUT_COLUMNS.index("id"), INPUT_COLUMNS.index("shadow_o
 # the records waiting on it are refused instead of holding their requests.
 _CRASH_LOOP = 3
 _PLATFORM_DIR = str(Path(medserve.__file__).resolve().parent.parent)
+# One frame is on its way to the writer process at a time; the records produced meanwhile leave
+# together when it is acknowledged, or after this long in any case (a record the process holds
+# for long, say during a database outage, must not hold back the others).
+_HOLD_S = 0.05
 
 
 def _compact(record: dict[str, Any]) -> list[Any]:
@@ -106,6 +110,7 @@ class AuditWriter:
         self._outbox: list[tuple[int, list[Any]]] = []
         self._next_seqno = 0
         self._wake_scheduled = False
+        self._sent_at = 0.0  # when the last frame of records left
         self._sock: socket.socket | None = None
         self._resend = False
         self._shut_down_socket: socket.socket | None = None
@@ -190,9 +195,12 @@ class AuditWriter:
             seqno = self._next_seqno = self._next_seqno + 1
             self._pending[seqno] = (values, loop, future)
             self._outbox.append((seqno, values))
-            wake = not self._wake_scheduled
-            self._wake_scheduled = True
-        if wake:  # one wake-up of the sender per event-loop tick, however many records it produced
+            # One wake-up of the sender per event-loop tick, however many records it produced,
+            # and none while a frame is on its way: the acknowledgement wakes it then.
+            wake = not self._wake_scheduled and not self._in_flight()
+            if wake:
+                self._wake_scheduled = True
+        if wake:
             loop.call_soon(self._wake_sender)
         if future is None:
             return None
@@ -205,6 +213,10 @@ class AuditWriter:
         with self._lock:
             self._wake_scheduled = False
             self._lock.notify_all()
+
+    def _in_flight(self) -> bool:
+        """Records sent and not yet acknowledged (call with the lock held): pending ones not in the outbox."""
+        return len(self._pending) > len(self._outbox)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued (to the database or the spool), checkpoint, then stop the writer process."""
@@ -230,12 +242,27 @@ class AuditWriter:
     # --- the sender thread -------------------------------------------------------
 
     def _send_loop(self) -> None:
-        """The only thread that writes to the socket, so frames keep sequence order."""
+        """The only thread that writes to the socket, so frames keep sequence order.
+
+        Records go out as one frame at a time (see _HOLD_S): under load the
+        records of many event-loop ticks share a frame, an acknowledgement and
+        one wake-up of each side, as group commits share an fsync; a lone record
+        still leaves at once.
+        """
         while True:
             with self._lock:
-                while not (self._finished or (self._sock is not None and (
-                        self._resend or self._outbox
-                        or (self._closed and self._shut_down_socket is not self._sock)))):
+                while True:
+                    if self._finished:
+                        break
+                    if self._sock is not None:
+                        if self._resend or (self._closed and self._shut_down_socket is not self._sock):
+                            break
+                        if self._outbox:
+                            held = _HOLD_S - (time.monotonic() - self._sent_at)
+                            if not self._in_flight() or held <= 0 or self._closed:
+                                break
+                            self._lock.wait(held)
+                            continue
                     self._lock.wait()
                 if self._finished:
                     return
@@ -246,6 +273,7 @@ class AuditWriter:
                 else:
                     kind, items = "records", self._outbox
                 self._outbox = []
+                self._sent_at = time.monotonic()
                 # After everything queued so far: EOF tells the process to drain, checkpoint and exit.
                 shut_down = self._closed and not self._outbox
                 if shut_down:
@@ -370,6 +398,8 @@ class AuditWriter:
                     entry = self._pending.pop(seqno, None)
                     if entry is not None and entry[2] is not None:
                         by_loop[entry[1]].append((entry[2], outcome))
+            if self._outbox and not self._in_flight():
+                self._lock.notify_all()  # the frame is home: what gathered meanwhile leaves now
         for loop, outcomes in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve, outcomes)
