@@ -131,6 +131,20 @@ class PermissionDeniedError(MedserveError):
     default_message = "This credential may not perform this operation."
 
 
+class CsrfTokenError(PermissionDeniedError):
+    """A review console form post without the CSRF token of its sign-in session (or with another one)."""
+
+    code = "csrf_token_invalid"
+    default_message = "This form is missing its session's CSRF token; reload the page and submit it again."
+
+
+class ConsoleSignInRefusedError(PermissionDeniedError):
+    """A credential whose role has no business in the review console (a clinical app, admin or ops key)."""
+
+    code = "console_sign_in_refused"
+    default_message = "Only clinician and auditor credentials can sign in to the review console."
+
+
 class RateLimitedError(MedserveError):
     """Over the request rate of the caller's key or department; ``retry_after_s`` says when to come back."""
 

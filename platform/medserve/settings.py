@@ -263,6 +263,21 @@ class Settings(BaseSettings):
         "a canary, promote or rollback reaches every replica within this window. 0: read on every request.",
     )
 
+    # --- review console ---------------------------------------------------------------
+    console_session_idle_minutes: float = GatewayField(
+        default=30.0, gt=0,
+        description="A review console session ends after this many minutes without a request (sign in again).",
+    )
+    console_session_max_hours: float = GatewayField(
+        default=12.0, gt=0,
+        description="A review console session ends this many hours after sign-in, however active (one shift).",
+    )
+    console_cookie_secure: Literal["auto", "always", "never"] = GatewayField(
+        default="auto",
+        description="The console's session cookie carries Secure: auto when the request came over https "
+        "(or X-Forwarded-Proto says so from a TLS-terminating proxy), always, or never (plain-http test setups).",
+    )
+
     @property
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()

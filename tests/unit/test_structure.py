@@ -17,7 +17,7 @@ SOURCE = Path(__file__).resolve().parents[2] / "platform" / "medserve"
 # specs, catalog, metrics) are shared ground that any room may import.
 ROOMS = {
     "gateway", "controlplane", "registry", "audit", "engines", "security",
-    "db", "imaging", "reviews", "protocols", "bench", "cli",
+    "db", "imaging", "reviews", "protocols", "bench", "cli", "console",
 }
 
 
@@ -158,3 +158,13 @@ def test_import_reader_sees_lazy_and_relative_imports():
     assert "medserve.controlplane.app" in found
     assert "medserve.engines.loader" in found
     assert "medserve.settings" in found and "os" not in found
+
+
+def test_console_keeps_to_its_own_imports_and_only_the_gateway_app_imports_it():
+    """The console may read the gateway's state, the reviews, security and the database; the gateway
+    imports it only to include its router (so the inference routes never run console code)."""
+    edges = room_imports()
+    allowed = {"gateway", "reviews", "security", "db"}
+    assert {target for (source, target) in edges if source == "console"} <= allowed
+    importers = {line for (source, target), lines in edges.items() if target == "console" for line in lines}
+    assert importers == {"gateway/app.py -> medserve.console.routes"}, sorted(importers)
