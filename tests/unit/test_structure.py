@@ -121,8 +121,13 @@ def _cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
     return components
 
 
+# The one sanctioned loop: the gateway's app includes the console's router (and nothing else of it), while the
+# console reads the gateway's state; test_console_keeps_to_its_own_imports... pins that edge down.
+INCLUDED_ROUTERS = {("gateway", "console")}
+
+
 def test_no_import_cycle_between_rooms():
-    edges = room_imports()
+    edges = {edge: lines for edge, lines in room_imports().items() if edge not in INCLUDED_ROUTERS}
     cycles = _cycles(set(edges))
     detail = {
         " <-> ".join(cycle): sorted(line for (a, b), lines in edges.items() if a in cycle and b in cycle for line in lines)
@@ -167,4 +172,5 @@ def test_console_keeps_to_its_own_imports_and_only_the_gateway_app_imports_it():
     allowed = {"gateway", "reviews", "security", "db"}
     assert {target for (source, target) in edges if source == "console"} <= allowed
     importers = {line for (source, target), lines in edges.items() if target == "console" for line in lines}
-    assert importers == {"gateway/app.py -> medserve.console.routes"}, sorted(importers)
+    assert importers == {"gateway/app.py -> medserve.console.routes",
+                         "gateway/app.py -> medserve.console.routes.router"}, sorted(importers)
