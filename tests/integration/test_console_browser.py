@@ -19,6 +19,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from medserve.console.sessions import COOKIE, token_sha256
@@ -50,6 +51,7 @@ def browser():
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(executable_path=_binary("chromedriver")), options=options)
     driver.set_page_load_timeout(60)
+    driver.implicitly_wait(5)  # a clicked form's next page: find_element waits for it
     yield driver
     driver.quit()
 
@@ -58,7 +60,11 @@ def _sign_in(driver, base_url: str, key: str) -> None:
     driver.get(f"{base_url}/console/login")
     driver.find_element(By.ID, "api_key").send_keys(key)
     driver.find_element(By.ID, "sign-in").click()
-    assert "Review queue" in driver.title, driver.title
+    _wait_title(driver, "Review queue")
+
+
+def _wait_title(driver, text: str) -> None:
+    WebDriverWait(driver, 10).until(lambda d: text in d.title, message=f"title never said {text!r}")
 
 
 def _count(driver) -> int:
@@ -129,7 +135,7 @@ def test_radiologist_signs_off_a_pipeline_report_in_the_browser_and_cardiology_c
         assert forged.status_code == 403 and 'data-code="csrf_token_invalid"' in forged.text
 
     browser.find_element(By.ID, "logout").click()
-    assert browser.title.startswith("Sign in")
+    _wait_title(browser, "Sign in")
     with httpx.Client(base_url=base, cookies={COOKIE: cookie["value"]}, timeout=30) as raw:
         old = raw.get("/console", follow_redirects=False)
         assert old.status_code == 303 and old.headers["location"].startswith("/console/login")
