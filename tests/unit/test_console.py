@@ -319,3 +319,54 @@ def test_override_chart_bars_follow_the_rates():
     assert first["width"] == round(drawn["scale"] * 0.5, 1) and first["text"] == "50% of 4"
     assert second["width"] == 0 and second["text"] == "no reviews yet"
     assert drawn["height"] == 10 + 2 * 32
+
+
+def test_an_llm_answer_is_shown_and_edited_as_text(database_url, tmp_path, repo_root):
+    from .test_review_queue import ANSWER, MODEL, _chat, _key, _llm_spec
+    from .test_llm_gateway import Gateway, _scripted_server
+
+    spec = _llm_spec(repo_root / "deployments", required=True, departments=["icu"], store_output=True)
+    gateway = Gateway(database_url, tmp_path, {MODEL: (spec, _scripted_server(spec, ANSWER))})
+    try:
+        inference_id = _chat(gateway, _key(database_url, "clinical-app", "icu"))
+        client = gateway.client
+        _sign_in(client, make_key(database_url, "clinician", "icu"))
+        page = client.get(f"/console/results/{inference_id}")
+        assert page.status_code == 200 and 'id="answer"' in page.text and "".join(ANSWER) in page.text
+        assert 'id="edited_text"' in page.text and 'id="label"' not in page.text
+        edited = "Start norepinephrine at 0.1 mcg/kg/min."
+        done = client.post(f"/console/results/{inference_id}/decision", data={
+            "decision": "edit", "csrf": _csrf(page.text), "edited_text": edited, "comment": "local protocol"})
+        assert done.status_code == 200 and "Signed off: edit" in done.text and edited in done.text
+        rates = client.get("/console/overrides")
+        assert "100% of 1" in rates.text and MODEL in rates.text
+    finally:
+        gateway.close()
+    with session_scope(database_url) as session:
+        (review,) = session.scalars(select(Review))
+    assert (review.decision, review.edited_text, review.via) == ("edit", edited, "console")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'console.db'}"
+    return request.getfixturevalue("postgres_server").create_database()
+
+
+def test_the_console_migration_runs_up_and_down_on_sqlite_and_postgresql(any_database):
+    from alembic import command
+
+    from medserve.db.engine import alembic_config, upgrade
+
+    upgrade(any_database)
+    principal = Principal(key_id="oidc-sub", name="dr a", role=Role.AUDITOR, department=None)
+    with session_scope(any_database) as session:
+        token, row = start_session(session, principal, "oidc", POLICY)
+    with session_scope(any_database) as session:
+        user = load_session(session, token, POLICY)
+        assert user is not None and user.session_id == row.id and user.principal == principal
+    command.downgrade(alembic_config(any_database), "8b3e5f7a9c21")
+    upgrade(any_database)
+    with session_scope(any_database) as session:
+        assert load_session(session, token, POLICY) is None  # the table came back empty
