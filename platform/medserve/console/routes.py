@@ -226,8 +226,13 @@ async def login_form(request: Request, gateway: GatewayState = Depends(get_gatew
 
 
 async def begin_session(gateway: GatewayState, request: Request, principal: Principal, method: str,
-                        next_url: str) -> Response:
-    """Admit the principal, start a fresh session (ending any the browser held) and set its cookie."""
+                        next_url: str, *, landing: bool = False) -> Response:
+    """Admit the principal, start a fresh session (ending any the browser held) and set its cookie.
+
+    ``landing``: answer a page that moves on to ``next_url`` itself instead of a redirect. After the identity
+    provider's cross-site redirect, a redirect would still count as cross-site and the browser would hold
+    back the SameSite=Strict cookie; a page of our own that moves on is a same-site navigation.
+    """
     old = request.cookies.get(COOKIE)
 
     def start() -> tuple[str, uuid.UUID]:
@@ -238,7 +243,11 @@ async def begin_session(gateway: GatewayState, request: Request, principal: Prin
 
     token, session_id = await asyncio.to_thread(start)
     await audit(gateway, "console.sign_in", principal, subject=session_id)
-    response = RedirectResponse(next_url, status_code=303, headers=SECURITY_HEADERS)
+    response: Response
+    if landing:
+        response = render("signed_in.html", next=next_url, title="Signed in", user=None)
+    else:
+        response = RedirectResponse(next_url, status_code=303, headers=SECURITY_HEADERS)
     _set_cookie(response, gateway, request, COOKIE, token, path="/console",
                 max_age=int(gateway.settings.console_session_max_hours * 3600))
     response.delete_cookie(LOGIN_COOKIE, path="/console/login")
