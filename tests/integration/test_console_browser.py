@@ -103,6 +103,12 @@ def test_radiologist_signs_off_a_pipeline_report_in_the_browser_and_cardiology_c
     assert bone_version in page and bone in page  # model version and audit id shown
     assert "never stores DICOM" in browser.find_element(By.ID, "preview").text
     browser.save_screenshot(str(tmp_path / "console-result.png"))
+    fits = "return document.documentElement.scrollWidth <= window.innerWidth"
+    assert browser.execute_script(fits)  # 1280 x 800: nothing scrolls sideways
+    browser.set_window_size(800, 1180)  # a tablet held upright
+    assert browser.execute_script(fits)
+    browser.save_screenshot(str(tmp_path / "console-result-tablet.png"))
+    browser.set_window_size(1280, 800)
     browser.find_element(By.ID, "label").send_keys("osteopenia")
     browser.find_element(By.ID, "comment").send_keys("trabecular HU below threshold on review")
     browser.find_element(By.ID, "edit").click()
