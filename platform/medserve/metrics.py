@@ -307,7 +307,11 @@ class AggregatingBackend:
         if definition.kind == "gauge":
             self._inner.record(definition, value, labels)
             return
-        key = (definition, tuple(labels.items()))
+        self.add(definition, value, tuple(labels.items()))
+
+    def add(self, definition: MetricDef, value: float, items: tuple[tuple[str, str], ...]) -> None:
+        """A counter or histogram sample whose labels are already (name, value) pairs in order."""
+        key = (definition, items)
         with self._lock:
             if definition.kind == "counter":
                 self._counters[key] = self._counters.get(key, 0.0) + value
@@ -384,15 +388,39 @@ def replica_id() -> str:
         return bounded(f"pid-{os.getpid()}")
 
 
+# (model, version, operation, status, department) -> the two label sets a request records, checked
+# and bounded once: every request of the gateway records them, and its label values are few.
+_request_labels: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
 def record_request(
     *, model: str | None, version: str | None, operation: str, status: int, department: str | None,
     duration_s: float,
 ) -> None:
     """One inference request, answered or refused; model and version come from the catalog entry."""
-    labels = {"model": bounded(model), "version": bounded(version), "operation": bounded(operation),
-              "status": status_label(status)}
-    _record(REQUESTS, 1, **labels, department=bounded(department))
-    _record(REQUEST_DURATION, max(duration_s, 0.0), **labels)
+    cache_key = (model, version, operation, status, department)
+    labels = _request_labels.get(cache_key)
+    if labels is None:
+        base = {"model": bounded(model), "version": bounded(version), "operation": bounded(operation),
+                "status": status_label(status)}
+        labels = ({**base, "department": bounded(department)}, base)
+        for definition, label_set in zip((REQUESTS, REQUEST_DURATION), labels):
+            if label_set.keys() != definition.label_set:
+                raise ValueError(f"{definition.name} takes labels {definition.labels}, got {tuple(label_set)}")
+        labels += (tuple(labels[0].items()), tuple(labels[1].items()))  # type: ignore[assignment]
+        if len(_request_labels) < 4096:
+            _request_labels[cache_key] = labels
+    duration_s = duration_s if duration_s > 0.0 else 0.0
+    try:
+        backend = _current_backend()
+        if isinstance(backend, AggregatingBackend):
+            backend.add(REQUESTS, 1.0, labels[2])  # type: ignore[misc]
+            backend.add(REQUEST_DURATION, duration_s, labels[3])  # type: ignore[misc]
+        else:
+            backend.record(REQUESTS, 1.0, labels[0])
+            backend.record(REQUEST_DURATION, duration_s, labels[1])
+    except Exception:  # noqa: BLE001 - a metrics failure must never fail a request
+        logger.debug("recording a request failed", exc_info=True)
 
 
 def record_tokens(*, model: str, version: str, prompt: int | None, completion: int | None) -> None:

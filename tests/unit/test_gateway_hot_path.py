@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,17 @@ from medserve.controlplane.render import COMPLIANCE_APP, GATEWAY_APP, RenderOpti
 from medserve.db.engine import session_scope
 from medserve.errors import SpecError
 from medserve.gateway.app import create_app
+from medserve.gateway.deadlines import deadlines
 from medserve.gateway.state import GatewayState, set_gateway
 from medserve.security.api_keys import create_api_key
 from medserve.specs import parse_spec
 
 
 @contextlib.contextmanager
-def noop_gateway(tmp_path: Path, database_url: str, *entries: dict[str, Any]) -> Iterator[tuple[TestClient, str, GatewayState]]:
+def noop_gateway(tmp_path: Path, database_url: str, *entries: dict[str, Any],
+                 **settings: Any) -> Iterator[tuple[TestClient, str, GatewayState]]:
     state = GatewayState(list(entries), {"home": tmp_path, "database_url": database_url,
-                                         "pseudonym_key": "test-pseudonym-key"})
+                                         "pseudonym_key": "test-pseudonym-key", **settings})
     set_gateway(state)
     with session_scope(database_url) as session:
         _, key = create_api_key(session, name="hot path", role="clinical-app")
@@ -93,6 +96,46 @@ def test_the_fast_path_answers_exactly_as_the_fastapi_route(tmp_path, database_u
         assert body_a == body_b
         assert a.headers.get("Retry-After") == b.headers.get("Retry-After")
         assert a.headers.get("WWW-Authenticate") == b.headers.get("WWW-Authenticate")
+
+
+def test_an_engine_past_the_request_timeout_is_504_and_audited(tmp_path, database_url):
+    slow = catalog_entry(noop_spec("noop-slow", "gateway", delay_ms=5000)).model_dump(mode="json")
+    with noop_gateway(tmp_path, database_url, slow, request_timeout_s=0.2) as (client, key, state):
+        started = time.perf_counter()
+        response = client.post("/v1/imaging/noop-slow", content=b"x",
+                               headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 504 and response.json()["error"]["code"] == "model_timeout"
+        assert elapsed < 2.0  # the deadline, not the engine's 5 s, ended the call
+        assert state.writer.flush()
+    from medserve.db.models import AuditRecord
+
+    with session_scope(database_url) as session:
+        rows = session.query(AuditRecord).all()
+    assert [(row.http_status, row.error_code) for row in rows] == [(504, "model_timeout")]
+
+
+def test_a_deadline_never_mistakes_another_cancellation_for_a_timeout():
+    async def scenario() -> tuple[bool, bool]:
+        watched = deadlines()
+
+        async def call(timeout_s: float) -> bool:
+            watch = watched.watch(timeout_s)
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return watch.timed_out()
+            finally:
+                watched.release(watch)
+            return False
+
+        timed_out = await asyncio.create_task(call(0.05))
+        cancelled_from_outside = asyncio.create_task(call(60))
+        await asyncio.sleep(0.01)
+        cancelled_from_outside.cancel()
+        return timed_out, await cancelled_from_outside
+
+    assert asyncio.run(scenario()) == (True, False)
 
 
 def test_paths_the_fast_path_does_not_own_fall_through_to_fastapi(tmp_path, database_url):

@@ -103,7 +103,14 @@ class Gateway:
         app.max_body_bytes = self.state.settings.max_body_bytes
 
     async def __call__(self, request: Request) -> Response:
-        # Ray built ``request`` from the ASGI triple it now passes to the returned object.
+        # A hot inference route is answered here and its Response handed back to
+        # Ray Serve to send, as raw Ray Serve does: no ASGI app around it.
+        scope = request.scope
+        matched = app.fast_match(scope)
+        if matched is not None:
+            return await app.fast_response(*matched, scope, request.receive)
+        # Anything else runs the whole gateway app; Ray built ``request`` from the
+        # ASGI triple it now passes to the returned object.
         return _RUN_APP
 
     def __del__(self) -> None:

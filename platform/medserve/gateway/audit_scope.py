@@ -16,8 +16,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,54 +214,47 @@ class AuditRecorder:
     def pseudonym_key(self) -> bytes:
         return self._pseudonym_key
 
-    @asynccontextmanager
-    async def scope(
-        self, operation: str, model_name: str | None, headers: Mapping[str, str]
-    ) -> AsyncIterator[AuditScope]:
-        audit = AuditScope(operation=operation, model_name=model_name)
-        audit.context = pseudonymize_headers(self._pseudonym_key, headers)
-        token = current_scope.set(audit)
-        try:
-            yield audit
-        except MedserveError as error:
-            record = audit.to_record(error.http_status, error.code, _outcome_of(error))
-            await asyncio.shield(self._write_quietly(record))
-            _record_metrics(audit, record["http_status"])
-            raise
-        except BaseException as error:
-            known = known_error(error)
-            if known is not None:
-                # An infrastructure failure with a typed error (the database went away mid-request):
-                # recorded and answered as that error, never as a bare 500.
-                record = audit.to_record(known.http_status, known.code, "error")
-                await asyncio.shield(self._write_quietly(record))
-                _record_metrics(audit, record["http_status"])
-                raise known from None
-            # CancelledError: the client went away before the answer. GeneratorExit:
-            # a streamed answer's generator was closed before its end (same cause).
-            cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
-            if cancelled:
-                audit.finish_reason = "cancelled"
-            record = audit.to_record(499 if cancelled else 500, None if cancelled else "internal_error",
-                                     "cancelled" if cancelled else "error")
-            # Shielded: a second cancellation must not lose the record.
-            await asyncio.shield(self._write_quietly(record))
-            _record_metrics(audit, record["http_status"])
-            raise
-        else:
+    def scope(self, operation: str, model_name: str | None, headers: Mapping[str, str]) -> "_RecordedScope":
+        """``async with recorder.scope(...) as audit``: the request's record, written on the way out."""
+        return _RecordedScope(self, operation, model_name, headers)
+
+    async def _close(self, audit: AuditScope, error: BaseException | None) -> None:
+        """Write the record of a request that ended (``error`` None: answered). Re-raises nothing
+        itself except the typed error a known infrastructure failure becomes, and
+        AuditUnavailableError when an answer's record cannot be written."""
+        if error is None:
             record = audit.to_record(200, None, "ok")
             try:
                 audit.landed = await self._writer.write(record, durable=self._durable)
-            except AuditUnavailableError as error:
+            except AuditUnavailableError as unavailable:
                 # The answer is withheld: count what the caller gets (503).
-                _record_metrics(audit, error.http_status)
+                _record_metrics(audit, unavailable.http_status)
                 raise
             _record_metrics(audit, 200)
-        finally:
-            try:
-                current_scope.reset(token)
-            except ValueError:  # closed from another context (a streamed response's task)
-                pass
+            return
+        if isinstance(error, MedserveError):
+            record = audit.to_record(error.http_status, error.code, _outcome_of(error))
+            await asyncio.shield(self._write_quietly(record))
+            _record_metrics(audit, record["http_status"])
+            return
+        known = known_error(error)
+        if known is not None:
+            # An infrastructure failure with a typed error (the database went away mid-request):
+            # recorded and answered as that error, never as a bare 500.
+            record = audit.to_record(known.http_status, known.code, "error")
+            await asyncio.shield(self._write_quietly(record))
+            _record_metrics(audit, record["http_status"])
+            raise known from None
+        # CancelledError: the client went away before the answer. GeneratorExit:
+        # a streamed answer's generator was closed before its end (same cause).
+        cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
+        if cancelled:
+            audit.finish_reason = "cancelled"
+        record = audit.to_record(499 if cancelled else 500, None if cancelled else "internal_error",
+                                 "cancelled" if cancelled else "error")
+        # Shielded: a second cancellation must not lose the record.
+        await asyncio.shield(self._write_quietly(record))
+        _record_metrics(audit, record["http_status"])
 
     async def write_shadow(self, record: dict[str, Any]) -> None:
         """A shadow call's record: never delays or fails the answered request."""
@@ -276,3 +268,35 @@ class AuditRecorder:
             await self._writer.write(record, durable=self._durable)
         except AuditUnavailableError:
             logger.error("audit record %s for a failed request could not be written", record["id"])
+
+
+class _RecordedScope:
+    """The async context manager ``AuditRecorder.scope`` returns.
+
+    A class rather than ``@asynccontextmanager``: on the hot routes the
+    generator-based form (a generator, its frames and ``athrow`` per
+    request) was among medserve's own largest costs in the replica.
+    """
+
+    __slots__ = ("_recorder", "_audit", "_token")
+
+    def __init__(self, recorder: AuditRecorder, operation: str, model_name: str | None,
+                 headers: Mapping[str, str]) -> None:
+        self._recorder = recorder
+        audit = AuditScope(operation=operation, model_name=model_name)
+        audit.context = pseudonymize_headers(recorder.pseudonym_key, headers)
+        self._audit = audit
+
+    async def __aenter__(self) -> AuditScope:
+        self._token = current_scope.set(self._audit)
+        return self._audit
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
+        try:
+            await self._recorder._close(self._audit, error)
+        finally:
+            try:
+                current_scope.reset(self._token)
+            except ValueError:  # closed from another context (a streamed response's task)
+                pass
+        return False  # the request's own exception, if any, goes on to the caller

@@ -33,12 +33,14 @@ class BodyDrainGuard:
     # headers are read only when an early answer has to be finished.
     __slots__ = ("_scope", "_receive", "_send", "_body_done", "_body_started", "_drain_limit")
 
-    def __init__(self, scope: dict[str, Any], receive: Any, send: Any, max_body_bytes: int) -> None:
+    def __init__(self, scope: dict[str, Any], receive: Any, send: Any, max_body_bytes: int,
+                 *, body_started: bool = False) -> None:
         self._scope = scope
         self._receive = receive
         self._send = send
         self._body_done = False
-        self._body_started = False
+        # True when part of the body was read before this guard wrapped the channel.
+        self._body_started = body_started
         self._drain_limit = DRAIN_FACTOR * max_body_bytes
 
     async def receive(self) -> dict[str, Any]:

@@ -51,27 +51,57 @@ class GatewayApp(FastAPI):
     # Set from the gateway's settings when a replica starts; bounds the drain of unread bodies.
     max_body_bytes: int = 64 * 1024 * 1024
 
+    def fast_match(self, scope: dict[str, Any]) -> tuple[FastRoute, str] | None:
+        """The hot route a request is for and its model name, else None."""
+        if scope["type"] != "http":
+            return None
+        path, method = route_path(scope), scope["method"]
+        for route in self.fast_routes:
+            if route.method == method:
+                name = route.name_in(path)
+                if name is not None:
+                    return route, name
+        return None
+
+    async def fast_response(self, route: FastRoute, name: str, scope: dict[str, Any], receive: Any) -> Response:
+        """A hot route's answer, built without FastAPI; the caller sends it.
+
+        The gateway replica's ``__call__`` returns it to Ray Serve, which sends
+        it exactly as raw Ray Serve sends a deployment's Response (no ASGI app
+        around it); as an ASGI app (tests, uvicorn) ``__call__`` sends it.
+        """
+        request = _FastRequest(scope, receive)
+        try:
+            return await route.handler(await get_gateway(), name, request)
+        except Exception as error:  # noqa: BLE001 - the FastAPI handlers' mapping, never exception text
+            response = response_for(error)
+        if request.body_complete:
+            return response
+        # Answered before the whole body arrived (401 on an upload, 413): sent through the drain guard.
+        return _DrainedResponse(response, self.max_body_bytes, body_started=request.body_started)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        matched = self.fast_match(scope)
+        if matched is not None:
+            response = await self.fast_response(*matched, scope, receive)
+            await response(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] in BODY_METHODS:
             guard = BodyDrainGuard(scope, receive, send, self.max_body_bytes)
             receive, send = guard.receive, guard.send
-        if scope["type"] == "http" and self.fast_routes:
-            path, method = route_path(scope), scope["method"]
-            for route in self.fast_routes:
-                if route.method == method:
-                    name = route.name_in(path)
-                    if name is not None:
-                        await _serve(route.handler, name, scope, receive, send)
-                        return
         await super().__call__(scope, receive, send)
 
 
 class _FastRequest(Request):
-    """A Starlette request whose headers are a plain dict (ASGI names are lower-case).
+    """A Starlette request whose headers are a plain dict (ASGI names are lower-case), and
+    which knows whether its body has all been read (``GatewayState.read_body``).
 
     Starlette's ``Headers.get`` scans and decodes the raw header list on every
     call, and a request's handlers look headers up several times.
     """
+
+    body_started = False
+    body_complete = False
 
     @property
     def headers(self) -> dict[str, str]:  # type: ignore[override]
@@ -83,10 +113,15 @@ class _FastRequest(Request):
         return cached
 
 
-async def _serve(handler: Handler, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    response: Response
-    try:
-        response = await handler(await get_gateway(), name, _FastRequest(scope, receive))
-    except Exception as error:  # noqa: BLE001 - the FastAPI handlers' mapping, never exception text
-        response = response_for(error)
-    await response(scope, receive, send)
+class _DrainedResponse(Response):
+    """An early answer sent through BodyDrainGuard (gateway/body_drain.py)."""
+
+    def __init__(self, response: Response, max_body_bytes: int, *, body_started: bool) -> None:
+        self.response = response
+        self.status_code = response.status_code
+        self.max_body_bytes = max_body_bytes
+        self.body_started = body_started
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def,override]
+        guard = BodyDrainGuard(scope, receive, send, self.max_body_bytes, body_started=self.body_started)
+        await self.response(scope, guard.receive, guard.send)

@@ -239,21 +239,34 @@ class PriorityGate:
             return 0
         return sum(1 for *_, future in self._waiters if not future.done())
 
-    @asynccontextmanager
-    async def slot(self, priority_class: str) -> AsyncIterator[None]:
+    def enter_now(self) -> bool:
+        """Take a slot if one is free and nobody waits (no await: the common case); True when taken."""
         if self.in_flight < self.capacity and not self.waiting:
             self.in_flight += 1
-        elif self.max_waiting is not None and self.waiting >= self.max_waiting:
+            return True
+        return False
+
+    async def wait(self, priority_class: str) -> None:
+        """Wait for a slot (after ``enter_now`` said no); 503 model_overloaded when too many wait."""
+        if self.max_waiting is not None and self.waiting >= self.max_waiting:
             raise ModelOverloadedError(model=self.model)
-        else:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (PRIORITY_ORDER.get(priority_class, 1), next(self._counter), future))
-            try:
-                await future  # the releaser hands its slot over: in_flight stays counted
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled():
-                    self._release()  # granted just as we were cancelled: pass it on
-                raise
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (PRIORITY_ORDER.get(priority_class, 1), next(self._counter), future))
+        try:
+            await future  # the releaser hands its slot over: in_flight stays counted
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # granted just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        """Give a slot back (to the first waiter by class and arrival, if any)."""
+        self._release()
+
+    @asynccontextmanager
+    async def slot(self, priority_class: str) -> AsyncIterator[None]:
+        if not self.enter_now():
+            await self.wait(priority_class)
         try:
             yield
         finally:

@@ -8,15 +8,43 @@ NaN and infinities become null instead of raising).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
+_FRAMING = frozenset({"content-type", "content-length"})
 
 
 class JSONAnswer(JSONResponse):
+    def __init__(
+        self,
+        content: Any,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        # Starlette's Response.__init__ builds the raw header list through a
+        # MutableHeaders pass and a Content-Type charset check; every hot answer
+        # has the same two framing headers, so they are written directly.
+        if headers and any(name.lower() in _FRAMING for name in headers):
+            super().__init__(content, status_code, headers, media_type, background)
+            return
+        self.status_code = status_code
+        if media_type is not None:
+            self.media_type = media_type
+        self.background = background
+        self.body = body = orjson.dumps(content, option=_OPTIONS)
+        raw = [(b"content-length", str(len(body)).encode()),
+               (b"content-type", (media_type or "application/json").encode("latin-1"))]
+        if headers:
+            raw.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items())
+        self.raw_headers = raw
+
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=_OPTIONS)
 

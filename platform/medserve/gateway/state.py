@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -39,12 +40,13 @@ from medserve.errors import (
 from medserve.gateway.audit_scope import AuditRecorder, AuditScope, current_scope
 from medserve.gateway.auth import Authenticator, require, require_department
 from medserve.gateway.batching import HandleBatcher
+from medserve.gateway.deadlines import deadlines
 from medserve.gateway.known_state import StateRefresher
 from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, priority_class
 from medserve.gateway.routing import RouteTable, entry_for
 from medserve.registry.routing import choose
 from medserve.security.api_keys import Principal
-from medserve.security.oidc import OIDCVerifier
+from medserve.security.oidc import OIDCVerifier, verifier_from_settings
 from medserve.security.roles import UndeclaredRouteError, route_permission
 from medserve.settings import Settings
 
@@ -59,19 +61,7 @@ _current_principal: contextvars.ContextVar[Principal | None] = contextvars.Conte
 
 
 def oidc_verifier(settings: Settings) -> OIDCVerifier | None:
-    if not settings.oidc_issuer:
-        return None
-    return OIDCVerifier(
-        issuer=settings.oidc_issuer,
-        audience=settings.oidc_audience,
-        jwks_file=settings.oidc_jwks_file,
-        jwks_url=settings.oidc_jwks_url,
-        jwks_cache_seconds=settings.oidc_jwks_cache_seconds,
-        algorithms=settings.oidc_algorithms,
-        roles_claim=settings.oidc_roles_claim,
-        department_claim=settings.oidc_department_claim,
-        leeway_s=settings.oidc_leeway_s,
-    )
+    return verifier_from_settings(settings)
 
 
 class GatewayState:
@@ -290,13 +280,28 @@ class GatewayState:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(limit_bytes=limit)
+        if hasattr(request, "_body"):  # read already (Starlette keeps it there)
+            return request._body
+        # Straight from the ASGI channel rather than through request.stream(): one
+        # awaited message for a small body, no async generator per request.
+        receive = request.receive
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: the client went away
+                raise ClientDisconnect()
+            request.body_started = True
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLargeError(limit_bytes=limit)
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                break
+        request.body_complete = True
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        request._body = body  # later request.body() calls see it
+        return body
 
     # --- engines -------------------------------------------------------------
 
@@ -339,8 +344,19 @@ class GatewayState:
         """
         if audit is not None and audit.shadow_entry is not None:
             self._mirror(audit, method, args)
-        async with self._admitted(entry) as principal:
+        # What _admitted does, spelt out: this runs on every hot request, and the
+        # generator-based context managers cost more than the checks themselves.
+        principal = _current_principal.get()
+        if principal is not None and entry.task == "llm":
+            await self.check_token_budget(principal, entry)
+        gate = self.gate(entry)
+        if gate is not None and not gate.enter_now():
+            await gate.wait(self.priority_class(principal))
+        try:
             result = await self._call(entry, method, *args)
+        finally:
+            if gate is not None:
+                gate.release()
         if principal is not None and self.token_budget.enabled and "prompt_tokens" in result:
             self.token_budget.add(principal, int(result["prompt_tokens"]) + int(result.get("completion_tokens", 0)))
         if audit is not None and isinstance(result.get("top_label"), str):
@@ -352,7 +368,7 @@ class GatewayState:
         """Admission to a model, shared by whole and streamed calls: the caller's token
         budget is checked, then a slot is held at the model's priority gate."""
         principal = _current_principal.get()
-        if principal is not None:
+        if principal is not None and entry.task == "llm":
             await self.check_token_budget(principal, entry)
         gate = self.gate(entry)
         if gate is None:
@@ -363,13 +379,19 @@ class GatewayState:
 
     async def _answer(self, entry: CatalogEntry, pending: Any, timeout_s: float) -> Any:
         """One item from an engine replica, with the gateway's error mapping applied."""
+        # One sweep per event loop watches every call's deadline (gateway/deadlines.py):
+        # no timer of its own per call, no extra Task as with wait_for.
+        watched = deadlines()
+        watch = watched.watch(timeout_s)
         try:
-            # asyncio.timeout rather than wait_for: no extra Task per call.
-            async with asyncio.timeout(timeout_s):
-                result = await pending
+            result = await pending
+        except asyncio.CancelledError:
+            if watch.timed_out():
+                raise ModelTimeoutError(model=entry.model_name) from None
+            raise
         except TimeoutError:
             raise ModelTimeoutError(model=entry.model_name) from None
-        except (asyncio.CancelledError, StopAsyncIteration):
+        except StopAsyncIteration:
             raise
         except BackPressureError:
             # Ray Serve's queue for the model (max_queued_requests) is full.
@@ -377,6 +399,8 @@ class GatewayState:
         except Exception as error:  # noqa: BLE001 - replica died, application missing, ...
             logger.warning("call to %s failed: %s", entry.app_name, type(error).__name__)
             raise ModelUnavailableError(model=entry.model_name) from None
+        finally:
+            watched.release(watch)
         if isinstance(result, dict) and "error" in result:
             raise error_from_payload(result)
         return result
