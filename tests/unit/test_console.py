@@ -370,3 +370,75 @@ def test_the_console_migration_runs_up_and_down_on_sqlite_and_postgresql(any_dat
     upgrade(any_database)
     with session_scope(any_database) as session:
         assert load_session(session, token, POLICY) is None  # the table came back empty
+
+
+CALLBACK = "https://testserver/console/login/oidc/callback"  # https: the callback is never plain http
+
+
+@pytest.fixture
+def identity_provider():
+    """The local OpenID Connect provider the test starts (tests/oidc_provider.py), over real HTTP."""
+    from tests.oidc_provider import Client, OIDCProvider
+
+    with OIDCProvider(clients={"medserve-console": Client(redirect_uri=CALLBACK)}) as provider:
+        yield provider
+
+
+def _oidc_settings(provider) -> dict[str, str]:
+    return {"oidc_issuer": provider.issuer, "oidc_jwks_url": f"{provider.issuer}/jwks",
+            "oidc_client_id": "medserve-console", "oidc_redirect_url": CALLBACK}
+
+
+def _through_the_provider(client, next_path: str = "/console"):
+    """The browser's trip: the console's redirect, the provider's approval, the callback. Returns the answers."""
+    import httpx
+
+    client.base_url = "https://testserver"
+    away = client.get("/console/login/oidc", params={"next": next_path}, follow_redirects=False)
+    assert away.status_code == 303, away.text
+    back = httpx.get(away.headers["location"], follow_redirects=False)  # the provider approves its user at once
+    assert back.status_code == 302 and back.headers["location"].startswith(CALLBACK)
+    return away, back, client.get(back.headers["location"].removeprefix("https://testserver"), follow_redirects=False)
+
+
+def test_oidc_sign_in_through_a_local_identity_provider_starts_the_same_session(
+        tmp_path, database_url, identity_provider):
+    identity_provider.user = {"sub": "dr-rad-7", "roles": ["clinician"], "department": "radiology"}
+    with gateway_client(tmp_path, database_url, **_oidc_settings(identity_provider)) as (client, _):
+        assert 'id="oidc-sign-in"' in client.get("/console/login").text  # offered once configured
+        away, back, landed = _through_the_provider(client, "/console/overrides")
+        assert away.headers["location"].startswith(f"{identity_provider.issuer}/authorize?")
+        assert "code_challenge_method=S256" in away.headers["location"]
+        pending = next(c for c in away.headers.get_list("set-cookie") if c.startswith("medserve_console_oidc="))
+        assert {"httponly", "samesite=lax", "path=/console/login/oidc"} <= {
+            part.strip().lower() for part in pending.split(";")}
+        assert landed.status_code == 200 and 'content="0; url=/console/overrides"' in landed.text
+        session_cookie = next(c for c in landed.headers.get_list("set-cookie") if c.startswith(f"{COOKIE}="))
+        assert {"samesite=strict", "httponly", "secure"} <= {p.strip() for p in session_cookie.lower().split(";")}
+        page = client.get("/console/overrides")
+        assert page.status_code == 200 and "clinician · radiology" in page.text
+        replayed = client.get(back.headers["location"].removeprefix("https://testserver"), follow_redirects=False)
+        assert replayed.status_code == 401 and 'data-code="oidc_state_mismatch"' in replayed.text
+    with session_scope(database_url) as session:
+        (row,) = session.scalars(select(ConsoleSession))
+    assert (row.method, row.role, row.department, row.name) == ("oidc", "clinician", "radiology", "oidc dr-rad-7")
+    assert [r.outcome for r in _rows(database_url, "console.sign_in")] == ["ok"]
+
+
+def test_oidc_sign_in_refuses_other_roles_and_is_hidden_when_not_configured(
+        tmp_path, database_url, identity_provider):
+    identity_provider.user = {"sub": "ward-app", "roles": ["clinical-app"]}
+    with gateway_client(tmp_path, database_url, **_oidc_settings(identity_provider)) as (client, _):
+        _, _, refused = _through_the_provider(client)
+        assert refused.status_code == 403 and 'data-code="console_sign_in_refused"' in refused.text
+        assert "A clinical-app account cannot sign in" in refused.text
+        assert client.get("/console", follow_redirects=False).status_code == 303
+        forgotten = next(c for c in refused.headers.get_list("set-cookie") if c.startswith("medserve_console_oidc="))
+        assert {"max-age=0", "secure", "httponly"} <= {part.strip() for part in forgotten.lower().split(";")}
+    with gateway_client(tmp_path, database_url) as (client, _):
+        assert 'id="oidc-sign-in"' not in client.get("/console/login").text
+        assert client.get("/console/login/oidc", follow_redirects=False).status_code == 404
+    with session_scope(database_url) as session:
+        assert list(session.scalars(select(ConsoleSession))) == []
+    (audit,) = _rows(database_url, "console.sign_in")
+    assert (audit.caller_role, audit.outcome) == ("clinical-app", "denied")

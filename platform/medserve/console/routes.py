@@ -11,9 +11,13 @@ and adds no middleware.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
 import secrets
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from importlib import resources
@@ -44,6 +48,7 @@ from medserve.errors import (
     CsrfTokenError,
     MedserveError,
     NotFoundError,
+    OIDCStateMismatchError,
     PermissionDeniedError,
     RequestValidationFailed,
 )
@@ -54,6 +59,7 @@ from medserve.gateway.state import GatewayState, get_gateway, route_path
 from medserve.reviews.reports import report_view
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
 from medserve.security.api_keys import Principal
+from medserve.security.oidc_login import OIDCLogin, PendingLogin
 from medserve.security.roles import Permission, UndeclaredRouteError, has_permission, route_permission
 
 logger = logging.getLogger("medserve.console")
@@ -103,6 +109,12 @@ def _set_cookie(response: Response, gateway: GatewayState, request: Request, nam
                 path: str, max_age: int | None, same_site: str = "strict") -> None:
     response.set_cookie(name, value, max_age=max_age, path=path, httponly=True, samesite=same_site,  # type: ignore[arg-type]
                         secure=_secure(gateway, request))
+
+
+def _forget(response: Response, gateway: GatewayState, request: Request, name: str, *, path: str,
+            same_site: str = "strict") -> None:
+    """Delete a cookie with the attributes it was set with (a Secure cookie is removed by a Secure one)."""
+    _set_cookie(response, gateway, request, name, "", path=path, max_age=0, same_site=same_site)
 
 
 def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -214,11 +226,6 @@ def _login_page(gateway: GatewayState, request: Request, *, status: int = 200, m
     return response
 
 
-def oidc_configured(gateway: GatewayState) -> bool:
-    """Whether the sign-in page offers the hospital's identity provider (OIDC sign-in is configured)."""
-    return False
-
-
 @router.get("/console/login")
 async def login_form(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
     """The sign-in page: an API key form, and the identity provider's button when OIDC sign-in is configured."""
@@ -250,7 +257,7 @@ async def begin_session(gateway: GatewayState, request: Request, principal: Prin
         response = RedirectResponse(next_url, status_code=303, headers=SECURITY_HEADERS)
     _set_cookie(response, gateway, request, COOKIE, token, path="/console",
                 max_age=int(gateway.settings.console_session_max_hours * 3600))
-    response.delete_cookie(LOGIN_COOKIE, path="/console/login")
+    _forget(response, gateway, request, LOGIN_COOKIE, path="/console/login")
     return response
 
 
@@ -291,7 +298,95 @@ async def logout(request: Request, gateway: GatewayState, user: ConsoleUser) -> 
 
     await asyncio.to_thread(end)
     response = RedirectResponse("/console/login", status_code=303, headers=SECURITY_HEADERS)
-    response.delete_cookie(COOKIE, path="/console")
+    _forget(response, gateway, request, COOKIE, path="/console")
+    return response
+
+
+# --- sign-in with the hospital's identity provider (OIDC authorization code + PKCE) ----------------
+
+PENDING_COOKIE = "medserve_console_oidc"  # the sign-in in flight, signed; only until the provider sends the user back
+PENDING_PATH = "/console/login/oidc"
+_logins: "weakref.WeakKeyDictionary[GatewayState, OIDCLogin]" = weakref.WeakKeyDictionary()
+
+
+def oidc_login(gateway: GatewayState) -> OIDCLogin | None:
+    """The gateway's OIDC sign-in when configured (issuer, client id and redirect URL), else None."""
+    login = _logins.get(gateway)
+    if login is None:
+        login = _logins[gateway] = OIDCLogin(gateway.settings)
+    return login if login.enabled else None
+
+
+def oidc_configured(gateway: GatewayState) -> bool:
+    """Whether the sign-in page offers the hospital's identity provider (OIDC sign-in is configured)."""
+    return oidc_login(gateway) is not None
+
+
+def _pending_key(gateway: GatewayState) -> bytes:
+    # A key of its own, derived from the gateway's pseudonym key (never used as is for anything else here).
+    return hmac.new(gateway.recorder.pseudonym_key, b"medserve-console-oidc-pending-v1", hashlib.sha256).digest()
+
+
+def seal_pending(gateway: GatewayState, pending: PendingLogin) -> str:
+    payload = base64.urlsafe_b64encode(pending.to_json().encode()).decode().rstrip("=")
+    signature = hmac.new(_pending_key(gateway), payload.encode(), hashlib.sha256).hexdigest()
+    return f"{payload}.{signature}"
+
+
+def open_pending(gateway: GatewayState, sealed: str | None) -> PendingLogin:
+    """The PendingLogin of a sealed cookie; OIDCStateMismatchError when it is missing, altered or not ours."""
+    payload, _, signature = (sealed or "").partition(".")
+    expected = hmac.new(_pending_key(gateway), payload.encode(), hashlib.sha256).hexdigest()
+    if not payload or not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise OIDCStateMismatchError()
+    try:
+        text = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise OIDCStateMismatchError() from None
+    return PendingLogin.from_json(text)
+
+
+@router.get("/console/login/oidc")
+async def oidc_begin(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
+    """Send the browser to the identity provider (PKCE); what to check on its return goes in a signed cookie."""
+    login = oidc_login(gateway)
+    if login is None:
+        return _error_page(NotFoundError("sign-in with an identity provider is not configured"), None)
+    try:
+        url, pending = await asyncio.to_thread(login.begin, _next_url(request.query_params.get("next")))
+    except MedserveError as error:
+        return _login_page(gateway, request, status=error.http_status, message=error.message, code=error.code)
+    response = RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
+    # Lax, not Strict: the provider sends the browser back with a cross-site navigation, which must carry it.
+    _set_cookie(response, gateway, request, PENDING_COOKIE, seal_pending(gateway, pending), path=PENDING_PATH,
+                max_age=600, same_site="lax")
+    return response
+
+
+@router.get("/console/login/oidc/callback")
+async def oidc_callback(request: Request, gateway: GatewayState = Depends(get_gateway)) -> Response:
+    """The provider's redirect back: exchange the code (PKCE), verify the ID token, start the same session."""
+    login = oidc_login(gateway)
+    if login is None:
+        return _error_page(NotFoundError("sign-in with an identity provider is not configured"), None)
+    params = request.query_params
+    principal = None
+    try:
+        if params.get("error"):
+            raise AuthenticationError("the identity provider did not sign you in")
+        pending = open_pending(gateway, request.cookies.get(PENDING_COOKIE))
+        principal = await login.complete(code=params.get("code", ""), state=params.get("state", ""), pending=pending)
+        admit(principal)
+    except MedserveError as refused:
+        if principal is not None:
+            await audit(gateway, "console.sign_in", principal, error=refused)
+        message = (f"A {principal.role.value} account cannot sign in to the review console: only clinicians and "
+                   "auditors can." if principal is not None else refused.message)
+        response = _login_page(gateway, request, status=refused.http_status, message=message, code=refused.code)
+        _forget(response, gateway, request, PENDING_COOKIE, path=PENDING_PATH, same_site="lax")
+        return response
+    response = await begin_session(gateway, request, principal, "oidc", pending.return_to, landing=True)
+    _forget(response, gateway, request, PENDING_COOKIE, path=PENDING_PATH, same_site="lax")
     return response
 
 

@@ -86,6 +86,8 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     # form and its own stylesheet and script are public; pages are the queue's readers; decisions need REVIEW.
     ("GET", "/console/login"): PUBLIC,
     ("POST", "/console/login"): PUBLIC,
+    ("GET", "/console/login/oidc"): PUBLIC,
+    ("GET", "/console/login/oidc/callback"): PUBLIC,
     ("GET", "/console/static/{file_name}"): PUBLIC,
     ("POST", "/console/logout"): Permission.READ_REVIEWS,
     ("GET", "/console"): Permission.READ_REVIEWS,
