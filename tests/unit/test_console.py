@@ -237,7 +237,8 @@ def test_sessions_end_when_idle_at_their_absolute_expiry_and_when_their_key_is_r
         revoked, _ = start_session(session, principal, "api_key", POLICY, now=now)
     with session_scope(database_url) as session:
         for minutes in (20, 40, 60):  # busy keeps being used; idle is not
-            assert load_session(session, busy, POLICY, now=now + timedelta(minutes=minutes)) is not None
+            user = load_session(session, busy, POLICY, now=now + timedelta(minutes=minutes))
+            assert user is not None and busy not in repr(user)  # the secret never shows in a log line
         assert load_session(session, idle, POLICY, now=now + timedelta(minutes=31)) is None
         assert load_session(session, busy, POLICY, now=now + timedelta(hours=12, seconds=1)) is None
     with session_scope(database_url) as session:

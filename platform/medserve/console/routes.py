@@ -406,16 +406,15 @@ async def queue(request: Request, gateway: GatewayState, user: ConsoleUser) -> R
     bound = user.principal.department
     department = bound if bound is not None else (params.get("department") or None)
 
-    def query() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def query() -> list[dict[str, Any]]:
         with session_scope(gateway.database_url) as session:
-            return (pending_results(session, model, QUEUE_LIMIT, department=department),
-                    override_summary(session, department=bound))
+            return pending_results(session, model, QUEUE_LIMIT, department=department)
 
-    items, summary = await asyncio.to_thread(query)
-    items = older_than(items, age)
+    items = older_than(await asyncio.to_thread(query), age)
     for item in items:
         item["waited"] = waited(item["created_at"])
-    models = sorted({row["model"] for row in summary if row["model"]})
+    # The filter offers the models this gateway serves (no count over the whole trail for a drop-down).
+    models = sorted({entry.model_name for entry in gateway.catalog.entries()} | ({model} if model else set()))
     return render("queue.html", **_context(
         user, items=items, title=f"({len(items)}) Review queue", model=model, age=age, ages=list(AGES),
         department=department, department_bound=bound is not None, models=models, limited=len(items) >= QUEUE_LIMIT))

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
@@ -49,7 +49,7 @@ class ConsoleUser:
     session_id: uuid.UUID
     principal: Principal
     method: str
-    token: str  # the cookie's secret, to derive the CSRF token; never stored or logged
+    token: str = field(repr=False)  # the cookie's secret, to derive the CSRF token; never stored, logged or shown
 
     @property
     def csrf(self) -> str:
