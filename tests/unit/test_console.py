@@ -443,3 +443,15 @@ def test_oidc_sign_in_refuses_other_roles_and_is_hidden_when_not_configured(
         assert list(session.scalars(select(ConsoleSession))) == []
     (audit,) = _rows(database_url, "console.sign_in")
     assert (audit.caller_role, audit.outcome) == ("clinical-app", "denied")
+
+
+def test_templates_and_static_files_ship_in_the_package(repo_root):
+    """A non-editable install (the container image) gets every template and static file: pyproject's
+    package-data names them all."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["medserve"]
+    package = repo_root / "platform" / "medserve"
+    shipped = [p.relative_to(package).as_posix() for p in package.glob("console/*/*") if p.is_file()]
+    assert shipped and [f for f in shipped if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)] == []
