@@ -249,7 +249,9 @@ def test_sign_in_is_off_until_issuer_client_and_redirect_are_set(idp):
     assert not login.enabled
     with pytest.raises(ConfigurationError) as off:
         login.begin("/console/")
-    assert off.value.details["missing"] == ["MEDSERVE_OIDC_ISSUER", "MEDSERVE_OIDC_CLIENT_ID", "MEDSERVE_OIDC_REDIRECT_URL"]
+    assert off.value.details["missing"] == [
+        "MEDSERVE_OIDC_ISSUER", "MEDSERVE_OIDC_CLIENT_ID", "MEDSERVE_OIDC_REDIRECT_URL"
+    ]
     bearer_only = OIDCLogin(settings(idp, oidc_client_id=None, oidc_redirect_url=None))
     assert not bearer_only.enabled
 
