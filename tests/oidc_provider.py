@@ -13,6 +13,7 @@ No medserve code is involved: medserve talks to it over HTTP as to a hospital's 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -26,6 +27,12 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+
+@functools.lru_cache(maxsize=1)
+def _run_key() -> rsa.RSAPrivateKey:
+    """The provider's signing key: a new one each test run (generating one per test costs 0.5 s)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @dataclass
@@ -56,7 +63,7 @@ class OIDCProvider:
     sign_with: Any = None
 
     def __post_init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.key = _run_key()
         self.kid = "test-idp-" + secrets.token_hex(4)
         self.grants: dict[str, _Grant] = {}
         self.challenges: list[str] = []  # every code_challenge /authorize received
@@ -80,7 +87,9 @@ class OIDCProvider:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="test-oidc-provider", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="test-oidc-provider", daemon=True
+        )
         self._thread.start()
         return self
 

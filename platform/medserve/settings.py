@@ -281,7 +281,8 @@ class Settings(BaseSettings):
             raise ValueError("OIDC sign-in needs MEDSERVE_OIDC_ISSUER, MEDSERVE_OIDC_CLIENT_ID and "
                              "MEDSERVE_OIDC_REDIRECT_URL together")
         if (self.oidc_authorization_endpoint is None) != (self.oidc_token_endpoint is None):
-            raise ValueError("MEDSERVE_OIDC_AUTHORIZATION_ENDPOINT and MEDSERVE_OIDC_TOKEN_ENDPOINT must be set together")
+            raise ValueError("MEDSERVE_OIDC_AUTHORIZATION_ENDPOINT and MEDSERVE_OIDC_TOKEN_ENDPOINT "
+                             "must be set together")
         for name in ("oidc_redirect_url", "oidc_authorization_endpoint", "oidc_token_endpoint"):
             if getattr(self, name) is not None and not _https_or_loopback(getattr(self, name)):
                 raise ValueError(f"MEDSERVE_{name.upper()} must be an https:// URL (http:// only on loopback)")

@@ -157,7 +157,11 @@ class OIDCLogin:
     # --- the flow --------------------------------------------------------------------
 
     def begin(self, return_to: str) -> tuple[str, PendingLogin]:
-        """The provider's authorization URL to redirect the browser to, and what to keep until it comes back."""
+        """The provider's authorization URL to redirect the browser to, and what to keep until it comes back.
+
+        The first call (and one an hour after) may fetch the discovery document: from an
+        async route, call it as ``await asyncio.to_thread(login.begin, return_to)``.
+        """
         self._require_enabled()
         pending = PendingLogin(
             state=secrets.token_urlsafe(32),
