@@ -50,6 +50,14 @@ class ConfigurationError(MedserveError):
     default_message = "The configuration is invalid."
 
 
+class OIDCDiscoveryError(ConfigurationError):
+    """The identity provider's discovery document is unreachable, malformed or names another issuer."""
+
+    code = "oidc_discovery_failed"
+    http_status = 503
+    default_message = "The identity provider's configuration could not be read."
+
+
 class SpecError(ConfigurationError):
     """A deployment spec file failed to parse or validate."""
 
@@ -131,6 +139,48 @@ class PermissionDeniedError(MedserveError):
     default_message = "This credential may not perform this operation."
 
 
+class CsrfTokenError(PermissionDeniedError):
+    """A review console form post without the CSRF token of its sign-in session (or with another one)."""
+
+    code = "csrf_token_invalid"
+    default_message = "This form is missing its session's CSRF token; reload the page and submit it again."
+
+
+class ConsoleSignInRefusedError(PermissionDeniedError):
+    """A credential whose role has no business in the review console (a clinical app, admin or ops key)."""
+
+    code = "console_sign_in_refused"
+    default_message = "Only clinician and auditor credentials can sign in to the review console."
+
+
+class OIDCStateMismatchError(AuthenticationError):
+    """The browser came back from the identity provider with a state this sign-in attempt did not send."""
+
+    code = "oidc_state_mismatch"
+    default_message = "This sign-in attempt is not recognised; start the sign-in again."
+
+
+class OIDCLoginExpiredError(AuthenticationError):
+    """The browser took longer than allowed between leaving for the identity provider and coming back."""
+
+    code = "oidc_login_expired"
+    default_message = "The sign-in took too long; start the sign-in again."
+
+
+class OIDCTokenExchangeError(AuthenticationError):
+    """The identity provider refused the authorization code (``idp_error`` carries its OAuth error code only)."""
+
+    code = "oidc_token_exchange_failed"
+    default_message = "The identity provider did not accept the sign-in."
+
+
+class OIDCIdTokenInvalidError(AuthenticationError):
+    """The ID token from the identity provider failed verification (signature, issuer, audience, time, nonce)."""
+
+    code = "oidc_id_token_invalid"
+    default_message = "The identity provider's answer could not be verified."
+
+
 class RateLimitedError(MedserveError):
     """Over the request rate of the caller's key or department; ``retry_after_s`` says when to come back."""
 
@@ -153,6 +203,13 @@ class BadRequestError(MedserveError):
     code = "bad_request"
     http_status = 400
     default_message = "The request is invalid."
+
+
+class InvalidReturnToError(BadRequestError):
+    """A sign-in asked to return somewhere other than a page of the console (an open redirect)."""
+
+    code = "invalid_return_to"
+    default_message = "After sign-in the browser can only return to a page of the console."
 
 
 class RequestValidationFailed(BadRequestError):

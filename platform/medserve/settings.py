@@ -12,6 +12,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -179,6 +180,36 @@ class Settings(BaseSettings):
     oidc_leeway_s: float = GatewayField(
         default=30.0, ge=0, description="Clock skew tolerated on exp/nbf/iat, in seconds."
     )
+    # --- browser sign-in with the hospital identity provider (console) ------------
+    oidc_client_id: str | None = GatewayField(
+        default=None,
+        description="Client id of the review console at the identity provider (authorization-code flow with "
+        "PKCE). Sign-in with the identity provider is on when this, MEDSERVE_OIDC_ISSUER and "
+        "MEDSERVE_OIDC_REDIRECT_URL are set; the ID token's audience must be this id.",
+    )
+    oidc_client_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret of a confidential console client, sent to the token endpoint as HTTP Basic "
+        "(client_secret_basic). Unset: a public client (PKCE only). Environment only, never in a Serve config.",
+    )
+    oidc_redirect_url: str | None = GatewayField(
+        default=None,
+        description="The console's sign-in callback as the identity provider sees it, registered there exactly: "
+        "https://<gateway>/console/login/oidc/callback.",
+    )
+    oidc_scopes: str = GatewayField(
+        default="openid profile",
+        description="Space-separated scopes the console asks for at sign-in; must include openid.",
+    )
+    oidc_authorization_endpoint: str | None = GatewayField(
+        default=None,
+        description="The identity provider's authorization endpoint. Unset: read from "
+        "<issuer>/.well-known/openid-configuration (set both endpoints where the gateway cannot fetch it).",
+    )
+    oidc_token_endpoint: str | None = GatewayField(
+        default=None,
+        description="The identity provider's token endpoint. Unset: read from the discovery document.",
+    )
 
     # --- quotas and fairness ------------------------------------------------------
     gateway_replicas: int = Field(
@@ -242,6 +273,21 @@ class Settings(BaseSettings):
             raise ValueError("MEDSERVE_TLS_CERT_FILE and MEDSERVE_TLS_KEY_FILE must be set together")
         if self.oidc_issuer and not (self.oidc_jwks_file or self.oidc_jwks_url):
             raise ValueError("MEDSERVE_OIDC_ISSUER needs MEDSERVE_OIDC_JWKS_FILE or MEDSERVE_OIDC_JWKS_URL")
+        login = (self.oidc_client_id, self.oidc_redirect_url, self.oidc_client_secret,
+                 self.oidc_authorization_endpoint, self.oidc_token_endpoint)
+        if any(value is not None for value in login) and not (
+            self.oidc_issuer and self.oidc_client_id and self.oidc_redirect_url
+        ):
+            raise ValueError("OIDC sign-in needs MEDSERVE_OIDC_ISSUER, MEDSERVE_OIDC_CLIENT_ID and "
+                             "MEDSERVE_OIDC_REDIRECT_URL together")
+        if (self.oidc_authorization_endpoint is None) != (self.oidc_token_endpoint is None):
+            raise ValueError("MEDSERVE_OIDC_AUTHORIZATION_ENDPOINT and MEDSERVE_OIDC_TOKEN_ENDPOINT "
+                             "must be set together")
+        for name in ("oidc_redirect_url", "oidc_authorization_endpoint", "oidc_token_endpoint"):
+            if getattr(self, name) is not None and not _https_or_loopback(getattr(self, name)):
+                raise ValueError(f"MEDSERVE_{name.upper()} must be an https:// URL (http:// only on loopback)")
+        if "openid" not in self.oidc_scopes.split():
+            raise ValueError("MEDSERVE_OIDC_SCOPES must include openid")
         if "none" in [a.lower() for a in self.oidc_algorithms]:
             raise ValueError("the 'none' JWT algorithm is never accepted")
         if self.ray_node_address in ("0.0.0.0", "::", ""):
@@ -261,6 +307,21 @@ class Settings(BaseSettings):
         ge=0,
         description="How often a gateway replica reloads aliases and rollouts from the registry in the background; "
         "a canary, promote or rollback reaches every replica within this window. 0: read on every request.",
+    )
+
+    # --- review console ---------------------------------------------------------------
+    console_session_idle_minutes: float = GatewayField(
+        default=30.0, gt=0,
+        description="A review console session ends after this many minutes without a request (sign in again).",
+    )
+    console_session_max_hours: float = GatewayField(
+        default=12.0, gt=0,
+        description="A review console session ends this many hours after sign-in, however active (one shift).",
+    )
+    console_cookie_secure: Literal["auto", "always", "never"] = GatewayField(
+        default="auto",
+        description="The console's session cookie carries Secure: auto when the request came over https "
+        "(or X-Forwarded-Proto says so from a TLS-terminating proxy), always, or never (plain-http test setups).",
     )
 
     @property
@@ -296,6 +357,14 @@ GATEWAY_SETTING_NAMES: tuple[str, ...] = tuple(
     for name, field in Settings.model_fields.items()
     if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(GATEWAY_MARKER)
 )
+
+
+def _https_or_loopback(url: str) -> bool:
+    """An absolute https URL, or http to this machine (a test or development identity provider)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
 
 
 def _read_or_create_secret(path: Path) -> str:

@@ -322,6 +322,12 @@ class Review(Base):
     reviewer_role: Mapped[str] = mapped_column(String(32))
     # HMAC pseudonym of X-Clinician-Id, when the reviewing app sends it.
     clinician_pseudonym: Mapped[str | None] = mapped_column(String(64))
+    # Where the decision was made: api (POST /v1/reviews) or console (the browser console); for the
+    # console, the sign-in session (console_sessions.id, never its secret) and the audit record of the
+    # decision (operation review.decision).
+    via: Mapped[str | None] = mapped_column(String(16))
+    session_id: Mapped[uuid.UUID | None]
+    audit_id: Mapped[uuid.UUID | None]
 
 
 class StoredResult(Base):
@@ -355,3 +361,28 @@ class StoredResult(Base):
     document: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     expires_at: Mapped[datetime] = mapped_column(index=True)
     pruned_at: Mapped[datetime | None]
+
+
+class ConsoleSession(Base):
+    """A clinician's or auditor's sign-in to the review console.
+
+    Only the sha256 of the session secret (the cookie's value) is stored: a copy of this table does not
+    let anyone act as the user. ``id`` is a public reference (reviews and logs name it). The session ends at
+    ``expires_at`` (absolute), after ``MEDSERVE_CONSOLE_SESSION_IDLE_MINUTES`` without a request, or at logout
+    (the row is deleted).
+    """
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    # How the user signed in: api_key | oidc.
+    method: Mapped[str] = mapped_column(String(16))
+    # The principal as signed in: the API key's id, or the identity provider's subject.
+    key_id: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(32))
+    department: Mapped[str | None] = mapped_column(String(100))

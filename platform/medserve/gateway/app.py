@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from medserve import __version__
+from medserve.console.routes import router as console_router
 from medserve.gateway.errors import install_error_handlers
 from medserve.gateway.fastpath import FastRoute, GatewayApp
 from medserve.gateway.openapi import install_openapi
@@ -33,6 +34,7 @@ def create_app() -> FastAPI:
     # scanning the app's routes in order, before the app itself runs.
     for module in (imaging, oip, chat, models, health, pipelines, reviews, admin_audit, admin_models):
         app.include_router(module.router)
+    app.include_router(console_router)  # the review console's pages, after every API route
     # The hot inference routes skip FastAPI's routing and dependency solving
     # (gateway/fastpath.py); their FastAPI routes stay for OpenAPI and docs.
     app.fast_routes = (

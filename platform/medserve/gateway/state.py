@@ -46,7 +46,7 @@ from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, prio
 from medserve.gateway.routing import RouteTable, entry_for
 from medserve.registry.routing import choose
 from medserve.security.api_keys import Principal
-from medserve.security.oidc import OIDCVerifier
+from medserve.security.oidc import OIDCVerifier, verifier_from_settings
 from medserve.security.roles import UndeclaredRouteError, route_permission
 from medserve.settings import Settings
 
@@ -61,19 +61,7 @@ _current_principal: contextvars.ContextVar[Principal | None] = contextvars.Conte
 
 
 def oidc_verifier(settings: Settings) -> OIDCVerifier | None:
-    if not settings.oidc_issuer:
-        return None
-    return OIDCVerifier(
-        issuer=settings.oidc_issuer,
-        audience=settings.oidc_audience,
-        jwks_file=settings.oidc_jwks_file,
-        jwks_url=settings.oidc_jwks_url,
-        jwks_cache_seconds=settings.oidc_jwks_cache_seconds,
-        algorithms=settings.oidc_algorithms,
-        roles_claim=settings.oidc_roles_claim,
-        department_claim=settings.oidc_department_claim,
-        leeway_s=settings.oidc_leeway_s,
-    )
+    return verifier_from_settings(settings)
 
 
 class GatewayState:

@@ -121,8 +121,15 @@ def record_review(
     *,
     clinician_pseudonym: str | None = None,
     authorize: Callable[[str | None], None] = lambda _model: None,
+    via: str = "api",
+    session_id: uuid.UUID | None = None,
+    audit_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
-    """Store one sign-off; ``authorize(model_name)`` raises when the reviewer may not see that model."""
+    """Store one sign-off; ``authorize(model_name)`` raises when the reviewer may not see that model.
+
+    ``via``: where it was made (api, console); ``session_id``: the console sign-in session it came from;
+    ``audit_id``: the id of the audit record written for the decision.
+    """
     record = session.get(AuditRecord, inference_id)
     if record is None:
         raise NotFoundError("no inference has this id", inference_id=str(inference_id))
@@ -151,6 +158,9 @@ def record_review(
         reviewer_name=reviewer.name,
         reviewer_role=reviewer.role.value,
         clinician_pseudonym=clinician_pseudonym,
+        via=via,
+        session_id=session_id,
+        audit_id=audit_id,
     )
     session.add(review)
     try:

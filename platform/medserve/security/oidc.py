@@ -22,6 +22,7 @@ import jwt
 from medserve.errors import AuthenticationError, ConfigurationError, PermissionDeniedError
 from medserve.security.api_keys import Principal
 from medserve.security.roles import Role
+from medserve.settings import Settings
 
 CALLER_ID_PREFIX = "oidc-"
 MIN_REFETCH_S = 30.0
@@ -114,22 +115,29 @@ class OIDCVerifier:
 
     def verify(self, token: str) -> Principal:
         """The principal of a valid token; AuthenticationError (401) for any invalid one."""
+        return self.principal_from_claims(self.decode(token, audience=self.audience))
+
+    def decode(self, token: str, *, audience: str | None, require: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The claims of a token signed by this issuer's keys, for this audience and not expired.
+
+        Bearer tokens use the gateway's audience; the console's ID tokens use its
+        client id (security/oidc_login.py). AuthenticationError for any invalid one.
+        """
         try:
             header = jwt.get_unverified_header(token)
             if header.get("alg") not in self._algorithms:
                 raise AuthenticationError()
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
                 self._signing_key(header.get("kid")),
                 algorithms=self._algorithms,
-                audience=self.audience,
+                audience=audience,
                 issuer=self.issuer,
                 leeway=self._leeway,
-                options={"require": ["exp", "iss", "sub"] + (["aud"] if self.audience else [])},
+                options={"require": ["exp", "iss", "sub", *(["aud"] if audience else []), *require]},
             )
         except jwt.PyJWTError:
             raise AuthenticationError() from None
-        return self.principal_from_claims(claims)
 
     def principal_from_claims(self, claims: dict[str, Any]) -> Principal:
         raw_roles = _claim(claims, self._roles_claim)
@@ -149,3 +157,20 @@ class OIDCVerifier:
             role=Role(roles[0]),
             department=department,
         )
+
+
+def verifier_from_settings(settings: Settings) -> OIDCVerifier | None:
+    """The verifier the MEDSERVE_OIDC_* settings describe; None when no issuer is set."""
+    if not settings.oidc_issuer:
+        return None
+    return OIDCVerifier(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        jwks_file=settings.oidc_jwks_file,
+        jwks_url=settings.oidc_jwks_url,
+        jwks_cache_seconds=settings.oidc_jwks_cache_seconds,
+        algorithms=settings.oidc_algorithms,
+        roles_claim=settings.oidc_roles_claim,
+        department_claim=settings.oidc_department_claim,
+        leeway_s=settings.oidc_leeway_s,
+    )

@@ -82,6 +82,18 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], Permission | None] = {
     ("POST", "/admin/models/{name}/rollback"): Permission.ADMINISTER,
     ("GET", "/admin/models/{name}/history"): Permission.ADMINISTER,
     ("GET", "/admin/models/{name}/comparison"): Permission.ADMINISTER,
+    # The review console (HTML pages, signed in with a session cookie instead of a bearer header): the sign-in
+    # form and its own stylesheet and script are public; pages are the queue's readers; decisions need REVIEW.
+    ("GET", "/console/login"): PUBLIC,
+    ("POST", "/console/login"): PUBLIC,
+    ("GET", "/console/login/oidc"): PUBLIC,
+    ("GET", "/console/login/oidc/callback"): PUBLIC,
+    ("GET", "/console/static/{file_name}"): PUBLIC,
+    ("POST", "/console/logout"): Permission.READ_REVIEWS,
+    ("GET", "/console"): Permission.READ_REVIEWS,
+    ("GET", "/console/results/{result_id}"): Permission.READ_REVIEWS,
+    ("POST", "/console/results/{result_id}/decision"): Permission.REVIEW,
+    ("GET", "/console/overrides"): Permission.READ_REVIEWS,
 }
 
 

@@ -26,7 +26,9 @@ router = APIRouter(tags=["reviews"])
 FHIR_JSON = "application/fhir+json"
 
 
-def _authorize_model(gateway: GatewayState, principal: Any):  # type: ignore[no-untyped-def]
+def model_access(gateway: GatewayState, principal: Any):  # type: ignore[no-untyped-def]
+    """``authorize`` for record_review: a department-bound reviewer reaches only its departments' models."""
+
     def check(model_name: str | None) -> None:
         try:
             entry = gateway.catalog.get(model_name or "")
@@ -102,7 +104,7 @@ async def review(
         with session_scope(gateway.database_url) as session:
             return record_review(
                 session, parsed_id, decision, principal,
-                clinician_pseudonym=clinician, authorize=_authorize_model(gateway, principal),
+                clinician_pseudonym=clinician, authorize=model_access(gateway, principal),
             )
 
     return await asyncio.to_thread(store)
