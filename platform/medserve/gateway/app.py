@@ -73,7 +73,8 @@ class _RunApp(Response):
     A plain ``__call__`` deployment is Ray Serve's cheapest HTTP path, the one
     raw Ray Serve takes: Ray sends a returned Response by calling it with the
     request's scope, receive and send, so returning this object runs the
-    whole gateway app (fast routes, FastAPI routes, streaming) on exactly the
+    whole gateway app (FastAPI routes, streaming; the hot routes are answered
+    before it, in Gateway.__call__) on exactly the
     ASGI channel an ingress would have had. Ray's own request metrics then
     carry the route prefix instead of the route; medserve's carry the route.
     """
