@@ -23,9 +23,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from medserve.db.models import ApiKey, ConsoleSession, utcnow
+from medserve.db.models import ConsoleSession, utcnow
 from medserve.errors import ConsoleSignInRefusedError, CsrfTokenError
-from medserve.security.api_keys import Principal
+from medserve.security.api_keys import Principal, key_is_live
 from medserve.security.roles import Role
 
 COOKIE = "medserve_console"
@@ -94,13 +94,6 @@ def start_session(
     return token, row
 
 
-def _key_still_valid(session: Session, key_id: str, now: datetime) -> bool:
-    row = session.execute(
-        select(ApiKey.revoked_at, ApiKey.expires_at).where(ApiKey.key_id == key_id)
-    ).one_or_none()
-    return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
-
-
 def load_session(
     session: Session, token: str | None, policy: SessionPolicy, now: datetime | None = None
 ) -> ConsoleUser | None:
@@ -113,7 +106,7 @@ def load_session(
         return None
     ended = row.expires_at <= now or row.last_seen_at + policy.idle <= now
     if not ended and row.method == "api_key":
-        ended = not _key_still_valid(session, row.key_id, now)
+        ended = not key_is_live(session, row.key_id, now)
     if ended:
         session.delete(row)
         return None

@@ -160,6 +160,14 @@ def load_key_table(session: Session) -> KeyTable:
     })
 
 
+def key_is_live(session: Session, key_id: str, now: datetime) -> bool:
+    """True while the key exists, is not revoked and has not expired (a console session signed in with it lives on)."""
+    row = session.execute(
+        select(ApiKey.revoked_at, ApiKey.expires_at).where(ApiKey.key_id == key_id)
+    ).one_or_none()
+    return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
+
+
 def _find_key(session: Session, key_id: str) -> ApiKey:
     from medserve.errors import NotFoundError
 
