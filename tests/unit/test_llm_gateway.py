@@ -25,7 +25,7 @@ from medserve.engines.serve_app import ModelServer
 from medserve.gateway.app import create_app
 from medserve.gateway.state import GatewayState, set_gateway
 from medserve.security.api_keys import create_api_key
-from medserve.specs import DeploymentSpec, load_catalog
+from medserve.specs import DeploymentSpec, StreamingSpec, load_catalog
 
 SMOL = "smollm2-135m-instruct"
 
@@ -292,3 +292,29 @@ def test_reasoning_is_split_audited_and_shown_only_when_the_spec_says(
             assert row.output_sha256 == hashlib.sha256(b"Sepsis likely.").hexdigest()
     finally:
         gateway.close()
+
+
+def test_a_streaming_interval_gathers_tokens_after_the_first_one(specs, smol_server):
+    """streaming.interval_ms: the same answer in fewer items; the first token still leaves alone, at once."""
+    base = specs["smollm2-demo"]
+    request = {"kind": "chat", "messages": [{"role": "user", "content": "Describe how to take a blood pressure."}],
+               "params": {"max_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": 1}}
+
+    async def deltas(interval_ms: float) -> list[tuple[float, dict[str, Any]]]:
+        smol_server.spec = base.model_copy(update={"streaming": StreamingSpec(interval_ms=interval_ms)})
+        loop = asyncio.get_running_loop()
+        return [(loop.time(), event) async for event in smol_server.generate_stream(request)
+                if event["type"] == "delta"]
+
+    try:
+        eager = asyncio.run(deltas(0))
+        gathered = asyncio.run(deltas(80))
+    finally:
+        smol_server.spec = base
+    assert "".join(e["content"] for _, e in gathered) == "".join(e["content"] for _, e in eager)
+    assert sum(e["tokens"] for _, e in gathered) == sum(e["tokens"] for _, e in eager) > 10
+    assert len(gathered) < len(eager) / 2  # SmolLM2 makes several tokens per 80 ms here
+    # The first token never waits for company (two at most, when the next was generated before it left).
+    assert gathered[0][1]["tokens"] <= 2
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(gathered, gathered[1:])]
+    assert min(gaps[:-1]) >= 0.07  # each item but the last waited out the interval

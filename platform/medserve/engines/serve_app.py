@@ -9,6 +9,7 @@ depending on how Ray wraps exceptions raised in another process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -93,6 +94,11 @@ async def whole_answer(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _unfinished(item: Any) -> bool:
+    """A generated piece that is not the last one (the end, or an error, is never held back)."""
+    return isinstance(item, Piece) and item.finish_reason is None
+
+
 class ModelServer:
     """One replica of one model deployment."""
 
@@ -134,8 +140,9 @@ class ModelServer:
         room = engine.context_length - len(prompt)
         return engine, prompt, replace(params, max_tokens=min(params.max_tokens, room))
 
-    async def _events(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """start, then deltas (pieces that arrived together are merged), then end.
+    async def _events(self, request: dict[str, Any], interval_s: float = 0.0) -> AsyncIterator[dict[str, Any]]:
+        """start, then deltas (pieces that arrived together are merged), then end. With interval_s,
+        each delta after the first also takes what is generated within interval_s of the one before.
 
         Generation runs in a worker thread; closing this generator (the caller
         went away, the gateway gave up) sets the cancel flag, and the engine
@@ -146,21 +153,35 @@ class ModelServer:
         splitter = ReasoningSplitter() if request.get("kind", "chat") == "chat" and self.spec.reasoning.parser else None
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+        ended = asyncio.Event()  # the engine's last piece (or its error) is queued
         cancel = threading.Event()
+
+        def deliver(item: Piece | BaseException) -> None:
+            pieces.put_nowait(item)
+            if not _unfinished(item):
+                ended.set()
 
         def produce() -> None:
             try:
                 for piece in engine.generate(prompt, params, cancel):
-                    loop.call_soon_threadsafe(pieces.put_nowait, piece)
+                    loop.call_soon_threadsafe(deliver, piece)
             except BaseException as error:  # noqa: BLE001 - handed to the event loop
-                loop.call_soon_threadsafe(pieces.put_nowait, error)
+                loop.call_soon_threadsafe(deliver, error)
 
         started = loop.time()
         worker = loop.run_in_executor(None, produce)
         completion_tokens, first_token_s = 0, None
+        # A stream's items after the first gather what is generated within interval_s; the end never waits.
+        last_item_at = None
         try:
             while True:
                 batch = [await pieces.get()]
+                if interval_s and last_item_at is not None and not ended.is_set():
+                    wait_s = last_item_at + interval_s - loop.time()
+                    if wait_s > 0:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait_s):
+                                await ended.wait()
                 while not pieces.empty():
                     batch.append(pieces.get_nowait())
                 for item in batch:
@@ -177,6 +198,7 @@ class ModelServer:
                     tail = splitter.finish()
                     split = Split(split.reasoning + tail.reasoning, split.content + tail.content)
                 if split.reasoning or split.content or tokens:
+                    last_item_at = loop.time()
                     yield {"type": "delta", "content": split.content, "reasoning": split.reasoning, "tokens": tokens}
                 if last.finish_reason is not None:
                     yield {
@@ -195,8 +217,11 @@ class ModelServer:
 
     @_envelope_stream_errors
     async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Streaming generation; call with handle.options(stream=True)."""
-        async for event in self._events(request):
+        """Streaming generation; call with handle.options(stream=True).
+
+        The spec's streaming.interval_ms gathers the tokens after the first into fewer items.
+        """
+        async for event in self._events(request, self.spec.streaming.interval_ms / 1000.0):
             yield event
 
     @_envelope_errors
