@@ -28,7 +28,7 @@ from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord
 from medserve.errors import ArtifactIntegrityError
 from medserve.registry import lifecycle
-from medserve.registry.routing import version_app_name
+from medserve.registry.routing import bucket, in_canary, version_app_name
 from medserve.registry.service import register_version
 from medserve.specs import DeploymentSpec, deployments_of
 
@@ -154,9 +154,18 @@ def test_canary_at_20_percent_over_500_requests_and_sticky_per_patient(
     assert len(rows) == 500
     arms = Counter((r.rollout, r.model_version) for r in rows)
     assert set(arms) <= {("canary", CANDIDATE), ("primary", BASE)}
+    # Each request went where the routing rule sends its patient (the split is
+    # the gateway's, not chance's) ...
+    with session_scope(platform.database_url) as session:
+        rollout_id = str(lifecycle.get_rollout(session, lifecycle.get_model(session, TUMOUR)).id)
+    for row in rows:
+        assert (row.rollout == "canary") == in_canary(20, bucket(rollout_id, row.patient_pseudonym))
+    # ... and the rule gives about a fifth. Patients and the rollout's salt are
+    # new each run, so the share is binomial (n=500, p=0.2, sd 0.018): the band
+    # is five sd wide each side, so a correct split fails it about once in 10^6.
     share = arms[("canary", CANDIDATE)] / 500
     print(f"canary share over 500 requests: {share:.3f}")
-    assert 0.15 <= share <= 0.25
+    assert 0.11 <= share <= 0.29
 
     # Sticky: one patient's requests all land on one version, and what the
     # caller is told is what the audit says.
