@@ -22,7 +22,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from medserve.console.sessions import COOKIE, token_sha256
+from medserve.console.sessions import COOKIE
+from medserve.digests import sha256_hex
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord, ConsoleSession, Review
 from tests.series_data import BONE_ROI, MUSCLE_ROI, ct_series, multipart
@@ -124,7 +125,7 @@ def test_radiologist_signs_off_a_pipeline_report_in_the_browser_and_cardiology_c
 
     with session_scope(platform.database_url) as session:
         (signed_in,) = session.scalars(select(ConsoleSession).where(
-            ConsoleSession.token_sha256 == token_sha256(cookie["value"])))
+            ConsoleSession.token_sha256 == sha256_hex(cookie["value"])))
         reviews = {str(r.inference_id): r for r in session.scalars(
             select(Review).where(Review.inference_id.in_([uuid.UUID(bone), uuid.UUID(liver)])))}
         assert {k: r.decision for k, r in reviews.items()} == {bone: "edit", liver: "accept"}

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import select
 
 from medserve.console.pages import chart
-from medserve.console.sessions import COOKIE, SessionPolicy, csrf_token, load_session, start_session, token_sha256
+from medserve.console.sessions import COOKIE, SessionPolicy, csrf_token, load_session, start_session
+from medserve.digests import sha256_hex
 from medserve.db.engine import session_scope
 from medserve.db.models import AuditRecord, ConsoleSession, Review, utcnow
 from medserve.security.api_keys import Principal, revoke_api_key
@@ -77,7 +78,7 @@ def test_api_key_sign_in_keeps_only_a_hash_and_sets_a_strict_http_only_cookie(tm
         assert queue.headers["content-security-policy"].startswith("default-src 'none'")
     with session_scope(database_url) as session:
         (row,) = session.scalars(select(ConsoleSession))
-        assert row.token_sha256 == token_sha256(token) != token
+        assert row.token_sha256 == sha256_hex(token) != token
         assert (row.method, row.role, row.department) == ("api_key", "clinician", "radiology")
     (audit,) = _rows(database_url, "console.sign_in")
     assert audit.outcome == "ok" and audit.input_sha256 == hashlib.sha256(str(row.id).encode()).hexdigest()
@@ -255,7 +256,7 @@ def _session_cookie(database_url: str, role: Role) -> str:
     token = uuid.uuid4().hex
     now = utcnow()
     with session_scope(database_url) as session:
-        session.add(ConsoleSession(token_sha256=token_sha256(token), created_at=now, last_seen_at=now,
+        session.add(ConsoleSession(token_sha256=sha256_hex(token), created_at=now, last_seen_at=now,
                                    expires_at=now + timedelta(hours=1), method="oidc", key_id=f"k-{role.value}",
                                    name=f"test {role.value}", role=role.value, department=None))
     return token

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -46,21 +47,21 @@ from medserve.errors import (
     AuditUnavailableError,
     AuthenticationError,
     CsrfTokenError,
+    InvalidReturnToError,
     MedserveError,
     NotFoundError,
     OIDCStateMismatchError,
     PermissionDeniedError,
     RequestValidationFailed,
 )
-from medserve.gateway.audit_scope import AuditScope
-from medserve.gateway.auth import require
+from medserve.gateway.audit_scope import AuditScope, new_record_id
 from medserve.gateway.routes.reviews import model_access
 from medserve.gateway.state import GatewayState, get_gateway, route_path
 from medserve.reviews.reports import report_view
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
 from medserve.security.api_keys import Principal
-from medserve.security.oidc_login import OIDCLogin, PendingLogin
-from medserve.security.roles import Permission, UndeclaredRouteError, has_permission, route_permission
+from medserve.security.oidc_login import CONSOLE_PREFIX, OIDCLogin, PendingLogin, checked_return_to
+from medserve.security.roles import Permission, has_permission
 
 logger = logging.getLogger("medserve.console")
 
@@ -141,13 +142,7 @@ async def _user(gateway: GatewayState, request: Request) -> ConsoleUser:
     user = await asyncio.to_thread(load) if token else None
     if user is None:
         raise SignInNeeded()
-    try:
-        permission = route_permission(request.method, route_path(request.scope))
-    except UndeclaredRouteError:
-        raise PermissionDeniedError("this route is not open to any role") from None
-    if permission is not None:
-        require(user.principal, permission)
-    gateway.rate_limiter.check(user.principal)
+    gateway.authorize_route(user.principal, request.method, route_path(request.scope))
     return user
 
 
@@ -169,7 +164,7 @@ async def audit(gateway: GatewayState, operation: str, principal: Principal | No
                                  AuthenticationError, PermissionDeniedError, NotFoundError)) else "error"))
     record["model_version"] = version
     try:
-        await gateway.writer.write(record, durable=gateway.settings.audit_durability == "strict")
+        await gateway.recorder.write(record)
     except AuditUnavailableError:
         logger.error("audit record %s of a console event could not be written", record["id"])
         raise
@@ -207,10 +202,11 @@ def _context(user: ConsoleUser, **extra: Any) -> dict[str, Any]:
 
 
 def _next_url(value: str | None) -> str:
-    """Only a path inside the console (never another site) after sign-in."""
-    if value and value.startswith("/console") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/console"
+    """Only a path inside the console (never another site) after sign-in; the console's front page otherwise."""
+    try:
+        return checked_return_to(value or "")
+    except InvalidReturnToError:
+        return CONSOLE_PREFIX
 
 
 # --- sign-in ---------------------------------------------------------------------------
@@ -450,7 +446,7 @@ async def result(request: Request, gateway: GatewayState, user: ConsoleUser, res
         pending=view.get("review") is None and view["operation"] != "pipeline.run"))
 
 
-def decision_of(form: dict[str, str], findings_count: int | None = None) -> ReviewRequest:
+def decision_of(form: dict[str, str]) -> ReviewRequest:
     """The review request a decision form describes (validated by the same model as the API's body)."""
     decision = form.get("decision", "")
     body: dict[str, Any] = {"decision": decision, "comment": form.get("comment", "").strip() or None}
@@ -488,7 +484,7 @@ async def decide(request: Request, gateway: GatewayState, user: ConsoleUser, res
     """Accept, edit or reject through record_review, as the API does, with the session and an audit record.
     A refused attempt (no CSRF token, an invalid form, another department's result) is audited too."""
     parsed = parse_id(result_id)
-    record_id = uuid.uuid4()
+    record_id = new_record_id()
     try:
         form = await _form(gateway, request)
         check_csrf(user, form.get("csrf"))
@@ -530,12 +526,17 @@ async def overrides(request: Request, gateway: GatewayState, user: ConsoleUser) 
                                                title="Override rates"))
 
 
+@functools.cache
+def _static_content(file_name: str) -> bytes:
+    """A file of the package's static/ folder, read once (they do not change while the gateway runs)."""
+    return resources.files("medserve.console").joinpath("static", file_name).read_bytes()
+
+
 @router.get("/console/static/{file_name}")
 async def static(file_name: str) -> Response:
     """The console's own stylesheet and script (shipped in the package; nothing from a CDN)."""
     media_type = STATIC_FILES.get(file_name)
     if media_type is None:
         return Response("not found", status_code=404, media_type="text/plain")
-    content = resources.files("medserve.console").joinpath("static", file_name).read_bytes()
-    return Response(content, media_type=media_type,
+    return Response(_static_content(file_name), media_type=media_type,
                     headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})

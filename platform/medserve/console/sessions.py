@@ -24,6 +24,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from medserve.db.models import ConsoleSession, utcnow
+from medserve.digests import sha256_hex
 from medserve.errors import ConsoleSignInRefusedError, CsrfTokenError
 from medserve.security.api_keys import Principal, key_is_live
 from medserve.security.roles import Role
@@ -56,10 +57,6 @@ class ConsoleUser:
         return csrf_token(self.token)
 
 
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def csrf_token(token: str) -> str:
     return hmac.new(token.encode(), _CSRF_CONTEXT, hashlib.sha256).hexdigest()
 
@@ -85,7 +82,7 @@ def start_session(
     session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at <= now))  # ended ones go on the way
     token = secrets.token_urlsafe(32)
     row = ConsoleSession(
-        token_sha256=token_sha256(token), created_at=now, last_seen_at=now, expires_at=now + policy.absolute,
+        token_sha256=sha256_hex(token), created_at=now, last_seen_at=now, expires_at=now + policy.absolute,
         method=method, key_id=principal.key_id, name=principal.name, role=principal.role.value,
         department=principal.department,
     )
@@ -101,7 +98,7 @@ def load_session(
     if not token or len(token) > 128:
         return None
     now = now or utcnow()
-    row = session.scalar(select(ConsoleSession).where(ConsoleSession.token_sha256 == token_sha256(token)))
+    row = session.scalar(select(ConsoleSession).where(ConsoleSession.token_sha256 == sha256_hex(token)))
     if row is None:
         return None
     ended = row.expires_at <= now or row.last_seen_at + policy.idle <= now
@@ -120,5 +117,5 @@ def end_session(session: Session, token: str | None) -> bool:
     """Logout: delete the session server-side (the old cookie is refused from now on)."""
     if not token:
         return False
-    result = session.execute(delete(ConsoleSession).where(ConsoleSession.token_sha256 == token_sha256(token)))
+    result = session.execute(delete(ConsoleSession).where(ConsoleSession.token_sha256 == sha256_hex(token)))
     return bool(result.rowcount)  # type: ignore[attr-defined]

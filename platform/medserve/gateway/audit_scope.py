@@ -256,6 +256,11 @@ class AuditRecorder:
         await asyncio.shield(self._write_quietly(record))
         _record_metrics(audit, record["http_status"])
 
+    async def write(self, record: dict[str, Any]) -> str | None:
+        """A record of the gateway's own (a console event) with the configured durability; where it
+        landed (strict), or AuditUnavailableError."""
+        return await self._writer.write(record, durable=self._durable)
+
     async def write_shadow(self, record: dict[str, Any]) -> None:
         """A shadow call's record: never delays or fails the answered request."""
         try:

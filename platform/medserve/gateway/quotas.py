@@ -256,12 +256,8 @@ class PriorityGate:
             await future  # the releaser hands its slot over: in_flight stays counted
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self._release()  # granted just as we were cancelled: pass it on
+                self.release()  # granted just as we were cancelled: pass it on
             raise
-
-    def release(self) -> None:
-        """Give a slot back (to the first waiter by class and arrival, if any)."""
-        self._release()
 
     @asynccontextmanager
     async def slot(self, priority_class: str) -> AsyncIterator[None]:
@@ -270,9 +266,10 @@ class PriorityGate:
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give a slot back (to the first waiter by class and arrival, if any)."""
         while self._waiters:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():

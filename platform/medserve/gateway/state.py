@@ -46,7 +46,7 @@ from medserve.gateway.quotas import PriorityGate, RateLimiter, TokenBudget, prio
 from medserve.gateway.routing import RouteTable, entry_for
 from medserve.registry.routing import choose
 from medserve.security.api_keys import Principal
-from medserve.security.oidc import OIDCVerifier, verifier_from_settings
+from medserve.security.oidc import verifier_from_settings
 from medserve.security.roles import UndeclaredRouteError, route_permission
 from medserve.settings import Settings
 
@@ -58,10 +58,6 @@ logger = logging.getLogger("medserve.gateway")
 _current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "medserve_principal", default=None
 )
-
-
-def oidc_verifier(settings: Settings) -> OIDCVerifier | None:
-    return verifier_from_settings(settings)
 
 
 class GatewayState:
@@ -79,7 +75,7 @@ class GatewayState:
         self.pipelines = {spec.name: spec for spec in (PipelineSpec.model_validate(p) for p in pipelines or [])}
         self.database_url = self.settings.resolved_database_url
         self.authenticator = Authenticator(
-            self.database_url, self.settings.api_key_cache_seconds, oidc_verifier(self.settings)
+            self.database_url, self.settings.api_key_cache_seconds, verifier_from_settings(self.settings)
         )
         self.rate_limiter = RateLimiter(
             self.settings.rate_limit_key_rps,
@@ -246,17 +242,22 @@ class GatewayState:
         audit = current_scope.get()
         if audit is not None:
             audit.principal = principal  # a refusal below still names the caller
+        self.authorize_route(principal, request.method, route or route_path(request.scope))
+        _current_principal.set(principal)
+        return principal
+
+    def authorize_route(self, principal: Principal, method: str, route: str) -> None:
+        """The route's permission from ROUTE_PERMISSIONS (fail closed), then the caller's request rate;
+        for callers authenticated some other way too (the console's sign-in session)."""
         try:
-            permission = route_permission(request.method, route or route_path(request.scope))
+            permission = route_permission(method, route)
         except UndeclaredRouteError:
             # The path is not logged: a concrete path can carry identifiers.
-            logger.error("a %s route missing from ROUTE_PERMISSIONS was called", request.method)
+            logger.error("a %s route missing from ROUTE_PERMISSIONS was called", method)
             raise PermissionDeniedError("this route is not open to any role") from None
         if permission is not None:
             require(principal, permission)
         self.rate_limiter.check(principal)
-        _current_principal.set(principal)
-        return principal
 
     def authorize_model(self, principal: Principal, model_name: str, task: str | None = None) -> CatalogEntry:
         """Object-level checks (this model, this department, this task) for a caller that
@@ -344,14 +345,9 @@ class GatewayState:
         """
         if audit is not None and audit.shadow_entry is not None:
             self._mirror(audit, method, args)
-        # What _admitted does, spelt out: this runs on every hot request, and the
-        # generator-based context managers cost more than the checks themselves.
-        principal = _current_principal.get()
-        if principal is not None and entry.task == "llm":
-            await self.check_token_budget(principal, entry)
-        gate = self.gate(entry)
-        if gate is not None and not gate.enter_now():
-            await gate.wait(self.priority_class(principal))
+        # _admit and a plain try rather than the _admitted context manager: this runs on every
+        # hot request, and a generator-based context manager costs more than the checks themselves.
+        principal, gate = await self._admit(entry)
         try:
             result = await self._call(entry, method, *args)
         finally:
@@ -363,19 +359,26 @@ class GatewayState:
             audit.output_label = result["top_label"][:64]
         return result
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, entry: CatalogEntry) -> AsyncIterator[Principal | None]:
-        """Admission to a model, shared by whole and streamed calls: the caller's token
-        budget is checked, then a slot is held at the model's priority gate."""
+    async def _admit(self, entry: CatalogEntry) -> tuple[Principal | None, PriorityGate | None]:
+        """Admission to a model, shared by whole and streamed calls: the caller's token budget is
+        checked, then a slot taken at the model's priority gate (the caller releases it)."""
         principal = _current_principal.get()
         if principal is not None and entry.task == "llm":
             await self.check_token_budget(principal, entry)
         gate = self.gate(entry)
-        if gate is None:
+        if gate is not None and not gate.enter_now():
+            await gate.wait(self.priority_class(principal))
+        return principal, gate
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, entry: CatalogEntry) -> AsyncIterator[Principal | None]:
+        """_admit for a stream: the slot is held until the stream ends."""
+        principal, gate = await self._admit(entry)
+        try:
             yield principal
-        else:
-            async with gate.slot(self.priority_class()):
-                yield principal
+        finally:
+            if gate is not None:
+                gate.release()
 
     async def _answer(self, entry: CatalogEntry, pending: Any, timeout_s: float) -> Any:
         """One item from an engine replica, with the gateway's error mapping applied."""
