@@ -141,19 +141,6 @@ class Chain:
         # The key and the record prefix absorbed once; each record hash continues a copy of it.
         self._record_mac = hmac.new(key, _RECORD_PREFIX, hashlib.sha256)
 
-    def link(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Give a record its place in the chain (mutates and returns it)."""
-        self.seq += 1
-        # Stored exactly as hashed (the column is NOT NULL, default false).
-        record["shadow"] = bool(record.get("shadow"))
-        record["chain_id"] = self.chain_id
-        record["seq"] = self.seq
-        record["prev_hash"] = self.last_hash
-        record["record_hash"] = record_hash(self.key, record)
-        self.last_hash = record["record_hash"]
-        self.since_checkpoint += 1
-        return record
-
     def link_values(self, values: list[Any], layout: RowLayout) -> list[Any]:
         """The record given as values in ``layout``'s input order, linked: a new list with the chain's
         columns appended. Gives exactly :func:`record_hash`'s hash of the same record as a dict; the

@@ -251,19 +251,8 @@ class AuditWriter:
         """
         while True:
             with self._lock:
-                while True:
-                    if self._finished:
-                        break
-                    if self._sock is not None:
-                        if self._resend or (self._closed and self._shut_down_socket is not self._sock):
-                            break
-                        if self._outbox:
-                            held = _HOLD_S - (time.monotonic() - self._sent_at)
-                            if not self._in_flight() or held <= 0 or self._closed:
-                                break
-                            self._lock.wait(held)
-                            continue
-                    self._lock.wait()
+                while (wait_s := self._sender_wait_s()) != 0:
+                    self._lock.wait(wait_s)
                 if self._finished:
                     return
                 sock = self._sock
@@ -286,6 +275,20 @@ class AuditWriter:
                     sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the process died: the supervisor restarts it and everything unacked is re-sent
+
+    def _sender_wait_s(self) -> float | None:
+        """With the lock held: 0 when the sender has work now, else how long to wait (None: until woken)."""
+        if self._finished:
+            return 0
+        if self._sock is None:
+            return None
+        if self._resend or (self._closed and self._shut_down_socket is not self._sock):
+            return 0
+        if not self._outbox:
+            return None
+        if self._closed or not self._in_flight():
+            return 0
+        return max(0.0, _HOLD_S - (time.monotonic() - self._sent_at))
 
     def _send_records(self, sock: socket.socket, kind: str, items: list[tuple[int, list[Any]]]) -> None:
         try:
