@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 logger = logging.getLogger("medserve.metrics")
 
@@ -366,9 +366,13 @@ def flush() -> None:
         backend.flush()
 
 
-def _record(definition: MetricDef, value: float, **labels: str) -> None:
+def _check_labels(definition: MetricDef, labels: dict[str, str]) -> None:
     if labels.keys() != definition.label_set:
         raise ValueError(f"{definition.name} takes labels {definition.labels}, got {tuple(labels)}")
+
+
+def _record(definition: MetricDef, value: float, **labels: str) -> None:
+    _check_labels(definition, labels)
     try:
         _current_backend().record(definition, float(value), labels)
     except Exception:  # noqa: BLE001 - a metrics failure must never fail a request
@@ -388,9 +392,35 @@ def replica_id() -> str:
         return bounded(f"pid-{os.getpid()}")
 
 
-# (model, version, operation, status, department) -> the two label sets a request records, checked
-# and bounded once: every request of the gateway records them, and its label values are few.
-_request_labels: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+class _RequestLabels(NamedTuple):
+    """The label sets one kind of request records, as dicts and as the aggregate's ready keys."""
+
+    count: dict[str, str]
+    duration: dict[str, str]
+    count_key: tuple[tuple[str, str], ...]
+    duration_key: tuple[tuple[str, str], ...]
+
+
+# (model, version, operation, status, department) -> its label sets, bounded and checked once: every
+# request of the gateway records them, and its label values are few.
+_request_labels: dict[tuple[Any, ...], _RequestLabels] = {}
+
+
+def _labels_for_request(
+    model: str | None, version: str | None, operation: str, status: int, department: str | None
+) -> _RequestLabels:
+    cache_key = (model, version, operation, status, department)
+    labels = _request_labels.get(cache_key)
+    if labels is None:
+        duration = {"model": bounded(model), "version": bounded(version), "operation": bounded(operation),
+                    "status": status_label(status)}
+        count = {**duration, "department": bounded(department)}
+        _check_labels(REQUESTS, count)
+        _check_labels(REQUEST_DURATION, duration)
+        labels = _RequestLabels(count, duration, tuple(count.items()), tuple(duration.items()))
+        if len(_request_labels) < 4096:
+            _request_labels[cache_key] = labels
+    return labels
 
 
 def record_request(
@@ -398,27 +428,16 @@ def record_request(
     duration_s: float,
 ) -> None:
     """One inference request, answered or refused; model and version come from the catalog entry."""
-    cache_key = (model, version, operation, status, department)
-    labels = _request_labels.get(cache_key)
-    if labels is None:
-        base = {"model": bounded(model), "version": bounded(version), "operation": bounded(operation),
-                "status": status_label(status)}
-        labels = ({**base, "department": bounded(department)}, base)
-        for definition, label_set in zip((REQUESTS, REQUEST_DURATION), labels):
-            if label_set.keys() != definition.label_set:
-                raise ValueError(f"{definition.name} takes labels {definition.labels}, got {tuple(label_set)}")
-        labels += (tuple(labels[0].items()), tuple(labels[1].items()))  # type: ignore[assignment]
-        if len(_request_labels) < 4096:
-            _request_labels[cache_key] = labels
+    labels = _labels_for_request(model, version, operation, status, department)
     duration_s = duration_s if duration_s > 0.0 else 0.0
     try:
         backend = _current_backend()
-        if isinstance(backend, AggregatingBackend):
-            backend.add(REQUESTS, 1.0, labels[2])  # type: ignore[misc]
-            backend.add(REQUEST_DURATION, duration_s, labels[3])  # type: ignore[misc]
+        if isinstance(backend, AggregatingBackend):  # the replica's case: no dict to tuple per request
+            backend.add(REQUESTS, 1.0, labels.count_key)
+            backend.add(REQUEST_DURATION, duration_s, labels.duration_key)
         else:
-            backend.record(REQUESTS, 1.0, labels[0])
-            backend.record(REQUEST_DURATION, duration_s, labels[1])
+            backend.record(REQUESTS, 1.0, labels.count)
+            backend.record(REQUEST_DURATION, duration_s, labels.duration)
     except Exception:  # noqa: BLE001 - a metrics failure must never fail a request
         logger.debug("recording a request failed", exc_info=True)
 
