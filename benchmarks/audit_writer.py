@@ -39,12 +39,13 @@ from sqlalchemy import func, select  # noqa: E402
 
 from medserve.audit.integrity import verify  # noqa: E402
 from medserve.audit.writer import AuditWriter  # noqa: E402
+from medserve.bench.cpu import tree_cpu_s  # noqa: E402
+from medserve.bench.profile import top_self_frames  # noqa: E402
 from medserve.db.engine import session_scope, upgrade  # noqa: E402
 from medserve.db.models import AuditRecord, utcnow  # noqa: E402
 
 KEY = b"benchmark-signing-key"
 TARGET = 10_000  # records/s, strict, each database (issue 14)
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _record(i: int) -> dict:
@@ -59,34 +60,12 @@ def _record(i: int) -> dict:
     }
 
 
-def _stat(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().rsplit(")", 1)[1].split()
-
-
-def _process_cpu(pid: int) -> float:
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 def _postgres_cpu(data_dir: Path | None) -> float:
-    """CPU seconds of a PostgreSQL server: its postmaster (with its reaped backends) and live backends."""
+    """CPU seconds of a PostgreSQL server: its postmaster, its backends, and the backends already gone."""
     if data_dir is None:
         return 0.0
     postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = _stat(int(entry))
-        except OSError:
-            continue
-        if int(entry) == postmaster:
-            ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-        elif int(fields[1]) == postmaster:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / _TICK
+    return tree_cpu_s([postmaster], reaped=True)
 
 
 class _Profile:
@@ -103,12 +82,7 @@ class _Profile:
     def top(self, count: int = 12) -> list[tuple[float, str]]:
         self.process.send_signal(signal.SIGINT)
         self.process.wait(timeout=60)
-        own: collections.Counter[str] = collections.Counter()
-        for line in self.path.read_text().splitlines():
-            stack, _, samples = line.rpartition(" ")
-            own[stack.split(";")[-1]] += int(samples)
-        total = sum(own.values()) or 1
-        return [(100.0 * samples / total, frame) for frame, samples in own.most_common(count)]
+        return [(100.0 * share, frame) for frame, share in top_self_frames(self.path.read_text(), count)]
 
 
 def run(url: str, records: int, concurrency: int, durable: bool, batch_max: int, *,
@@ -128,11 +102,11 @@ def run(url: str, records: int, concurrency: int, durable: bool, batch_max: int,
     assert pid is not None
     profiler = _Profile(pid, profile) if profile is not None else None
     start, cpu_start = time.perf_counter(), time.process_time()
-    writer_start, server_start = _process_cpu(pid), _postgres_cpu(pg_data)
+    writer_start, server_start = tree_cpu_s([pid]), _postgres_cpu(pg_data)
     asyncio.run(main())
     assert writer.flush(timeout=600)  # batched: the rate counts until everything is committed
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    writer_cpu, server_cpu = _process_cpu(pid) - writer_start, _postgres_cpu(pg_data) - server_start
+    writer_cpu, server_cpu = tree_cpu_s([pid]) - writer_start, _postgres_cpu(pg_data) - server_start
     assert writer.process_id == pid  # one writer process did it all
     top = profiler.top() if profiler is not None else []
     writer.close(timeout=600)

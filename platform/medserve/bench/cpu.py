@@ -35,8 +35,9 @@ def _children_by_parent() -> dict[int, list[int]]:
     return children
 
 
-def tree_cpu_s(roots: Iterable[int]) -> float:
-    """User plus system CPU seconds of the processes ``roots`` and all their descendants, so far."""
+def tree_cpu_s(roots: Iterable[int], *, reaped: bool = False) -> float:
+    """User plus system CPU seconds of the processes ``roots`` and all their descendants, so far;
+    with ``reaped``, also of the children they already waited for (a server's finished backends)."""
     children = _children_by_parent()
     total, pending, seen = 0, list(roots), set()
     while pending:
@@ -47,6 +48,8 @@ def tree_cpu_s(roots: Iterable[int]) -> float:
         fields = _stat_fields(pid)
         if fields is not None:
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+            if reaped:
+                total += int(fields[13]) + int(fields[14])  # cutime, cstime
         pending.extend(children.get(pid, ()))
     return total / _TICKS_PER_S
 
