@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,12 +100,10 @@ def test_the_fast_path_answers_exactly_as_the_fastapi_route(tmp_path, database_u
 def test_an_engine_past_the_request_timeout_is_504_and_audited(tmp_path, database_url):
     slow = catalog_entry(noop_spec("noop-slow", "gateway", delay_ms=5000)).model_dump(mode="json")
     with noop_gateway(tmp_path, database_url, slow, request_timeout_s=0.2) as (client, key, state):
-        started = time.perf_counter()
+        # The engine would answer 200 after 5 s: a 504 is the deadline's doing.
         response = client.post("/v1/imaging/noop-slow", content=b"x",
                                headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
-        elapsed = time.perf_counter() - started
         assert response.status_code == 504 and response.json()["error"]["code"] == "model_timeout"
-        assert elapsed < 2.0  # the deadline, not the engine's 5 s, ended the call
         assert state.writer.flush()
     from medserve.db.models import AuditRecord
 

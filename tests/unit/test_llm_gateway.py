@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -294,27 +295,34 @@ def test_reasoning_is_split_audited_and_shown_only_when_the_spec_says(
         gateway.close()
 
 
-def test_a_streaming_interval_gathers_tokens_after_the_first_one(specs, smol_server):
-    """streaming.interval_ms: the same answer in fewer items; the first token still leaves alone, at once."""
-    base = specs["smollm2-demo"]
-    request = {"kind": "chat", "messages": [{"role": "user", "content": "Describe how to take a blood pressure."}],
-               "params": {"max_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": 1}}
+class PacedEngine(ScriptedEngine):
+    """Pieces 10 ms apart, whatever the machine's speed."""
+
+    def generate(self, prompt: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Piece]:
+        for piece in super().generate(prompt, params, cancel):
+            time.sleep(0.01)
+            yield piece
+
+
+def test_a_streaming_interval_gathers_tokens_after_the_first_one(specs):
+    """streaming.interval_ms: the same answer in fewer items; the first token still leaves alone."""
+    pieces = [f"w{i} " for i in range(30)]
+    request = {"kind": "chat", "messages": [{"role": "user", "content": "go"}],
+               "params": {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 1}}
 
     async def deltas(interval_ms: float) -> list[tuple[float, dict[str, Any]]]:
-        smol_server.spec = base.model_copy(update={"streaming": StreamingSpec(interval_ms=interval_ms)})
+        spec = specs["smollm2-demo"].model_copy(update={"streaming": StreamingSpec(interval_ms=interval_ms)})
+        server = _scripted_server(spec, pieces)
+        server.engine = PacedEngine(pieces)
         loop = asyncio.get_running_loop()
-        return [(loop.time(), event) async for event in smol_server.generate_stream(request)
-                if event["type"] == "delta"]
+        return [(loop.time(), event) async for event in server.generate_stream(request) if event["type"] == "delta"]
 
-    try:
-        eager = asyncio.run(deltas(0))
-        gathered = asyncio.run(deltas(80))
-    finally:
-        smol_server.spec = base
-    assert "".join(e["content"] for _, e in gathered) == "".join(e["content"] for _, e in eager)
-    assert sum(e["tokens"] for _, e in gathered) == sum(e["tokens"] for _, e in eager) > 10
-    assert len(gathered) < len(eager) / 2  # SmolLM2 makes several tokens per 80 ms here
+    gathered = asyncio.run(deltas(60))
+    assert "".join(e["content"] for _, e in gathered) == "".join(pieces)
+    assert sum(e["tokens"] for _, e in gathered) == len(pieces)
+    # 300 ms of pieces in items at least 60 ms apart: far fewer items than pieces.
+    assert len(gathered) <= 8
     # The first token never waits for company (two at most, when the next was generated before it left).
     assert gathered[0][1]["tokens"] <= 2
     gaps = [later - earlier for (earlier, _), (later, _) in zip(gathered, gathered[1:])]
-    assert min(gaps[:-1]) >= 0.07  # each item but the last waited out the interval
+    assert min(gaps[:-1]) >= 0.055  # each item but the last waited out the interval
