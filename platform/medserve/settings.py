@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         "and only the gateway, to the network; Ray's own ports follow MEDSERVE_RAY_NODE_ADDRESS.",
     )
     gateway_port: int = Field(default=8000, ge=1, le=65535, description="Port the gateway listens on.")
+    gateway_serve_access_log: bool = Field(
+        default=False,
+        description="Ray Serve's own access-log line for each gateway request (the replica's log file). Off by "
+        "default: every inference already has its audit record (who, which model version, outcome, latency), and "
+        "the line costs the gateway's one Python thread about 18 µs per request (docs/speed.md). Serve's other "
+        "log lines for the gateway stay on.",
+    )
     ray_dashboard_port: int = Field(
         default=8265, ge=1, le=65535, description="Dashboard (Serve REST API) port of a Ray that `up` starts."
     )

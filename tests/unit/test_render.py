@@ -134,3 +134,15 @@ def test_gateway_settings_are_the_marked_non_secret_fields():
         assert Settings.model_fields[name].annotation is not SecretStr, name
     options = RenderOptions.from_settings(Settings())
     assert list(options.gateway_settings) == list(GATEWAY_SETTING_NAMES)
+
+
+def test_the_gateway_drops_serves_access_log_unless_the_operator_wants_it(repo_root):
+    """Every gateway request has its audit record; Serve's access line for it is opt-in (gateway_serve_access_log)."""
+    from medserve.settings import Settings
+
+    _, config = _config(repo_root)
+    assert _app(config, GATEWAY_APP)["deployments"][0]["logging_config"] == {"enable_access_log": False}
+    options = RenderOptions.from_settings(Settings(gateway_serve_access_log=True))
+    wanted = render_serve_config(load_catalog(repo_root / "deployments"), options)
+    assert _app(wanted, GATEWAY_APP)["deployments"][0]["logging_config"] == {"enable_access_log": True}
+    ServeDeploySchema.model_validate(wanted)

@@ -46,6 +46,7 @@ class RenderOptions(BaseModel):
             "http_port": settings.gateway_port,
             "ssl_certfile": settings.tls_cert_file,
             "ssl_keyfile": settings.tls_key_file,
+            "gateway_access_log": settings.gateway_serve_access_log,
             "gateway_settings": {name: getattr(settings, name) for name in GATEWAY_SETTING_NAMES},
             "compliance_settings": {name: getattr(settings, name) for name in COMPLIANCE_SETTING_NAMES},
         }
@@ -60,6 +61,10 @@ class RenderOptions(BaseModel):
         ge=1,
         description="Requests one gateway replica works on at once. The gateway mostly waits (on engines, "
         "the audit commit, streams), so this is high; each model's own limits are enforced at its gate.",
+    )
+    gateway_access_log: bool = Field(
+        default=False,
+        description="Ray Serve's access log for the gateway deployment (off: the audit trail records each request).",
     )
     gateway_settings: dict[str, Any] = Field(default_factory=dict, description="Settings passed to the gateway.")
     gateway_env: dict[str, str] = Field(
@@ -231,6 +236,9 @@ def render_gateway_app(
                 "num_replicas": options.gateway_replicas,
                 "max_ongoing_requests": options.gateway_max_ongoing_requests,
                 "ray_actor_options": gateway_actor_options(specs, options),
+                # Serve's access-log call stays on the request path with the log off, but its
+                # formatting and file write (most of its cost) do not.
+                "logging_config": {"enable_access_log": options.gateway_access_log},
             }
         ],
     }
