@@ -26,8 +26,14 @@ class RawNoop:
         return Response(ANSWER, media_type="application/json")
 
 
-def raw_application(max_ongoing_requests: int, num_cpus: float, replicas: int = 1) -> dict[str, Any]:
-    """The Serve config entry of the baseline, with the same concurrency limit as the gateway's."""
+def raw_application(
+    max_ongoing_requests: int, num_cpus: float, replicas: int = 1, *, access_log: bool = True
+) -> dict[str, Any]:
+    """The Serve config entry of the baseline, with the same concurrency limit as the gateway's.
+
+    ``access_log``: Ray Serve's access-log line per request, on as Serve ships it. The gateway turns
+    its own off (its audit trail records each request); off here, the baseline drops it too.
+    """
     return {
         "name": RAW_APP,
         "route_prefix": RAW_ROUTE,
@@ -38,6 +44,7 @@ def raw_application(max_ongoing_requests: int, num_cpus: float, replicas: int = 
                 "num_replicas": replicas,
                 "max_ongoing_requests": max_ongoing_requests,
                 "ray_actor_options": {"num_cpus": num_cpus},
+                "logging_config": {"enable_access_log": access_log},
             }
         ],
     }

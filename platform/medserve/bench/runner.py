@@ -138,6 +138,7 @@ class BenchOptions:
     llm: bool = True
     autoscale: bool = False
     replicas: int = 1
+    raw_access_log: bool = True  # Ray Serve's access log in the baseline's replica, as Serve ships it
     deployments_dir: Path = Path("deployments")
     profile_dir: Path | None = None  # py-spy recordings of raw's and the gateway's replicas
 
@@ -239,13 +240,15 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
     report = BenchReport(options={
         "concurrency": options.concurrency, "duration_s": options.duration_s, "rounds": options.rounds,
         "throughput_optimized": options.throughput_optimized, "replicas": options.replicas,
+        "raw_access_log": options.raw_access_log,
     })
     log("starting a private Ray" + (" (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)" if options.throughput_optimized else ""))
     # Logical CPUs (Ray's scheduling budget, not cores): the demo models, the
     # baseline and the gateway reserve 2.5 of them between them.
     platform = start_private_platform(
         throughput_optimized=options.throughput_optimized, ray_num_cpus=max(4, 2 * options.replicas + 2),
-        extra_apps=[raw_application(max_ongoing_requests=256, num_cpus=0.25, replicas=options.replicas)],
+        extra_apps=[raw_application(max_ongoing_requests=256, num_cpus=0.25, replicas=options.replicas,
+                                    access_log=options.raw_access_log)],
         gateway_replicas=options.replicas,
     )
     headers = {"Authorization": f"Bearer {platform.key}", "Content-Type": "image/png"}

@@ -26,6 +26,9 @@ from medserve.cli.common import load_settings
 @click.option("--autoscale", is_flag=True, help="Also time a load step's scale-up and the way back down.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Replicas of the raw baseline and of the gateway alike (direct ingress: one port each).")
+@click.option("--raw-access-log/--no-raw-access-log", default=True, show_default=True,
+              help="Ray Serve's access log in the baseline's replica: on as Serve ships it; off to compare with a "
+                   "baseline that drops it too (the gateway's is off: its audit trail records each request).")
 @click.option("--deployments", "deployments_dir", type=click.Path(path_type=Path), default=None,
               help="Catalog holding the imaging and LLM demo specs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -34,8 +37,8 @@ from medserve.cli.common import load_settings
               help="Record raw's and the gateway's replicas with py-spy during the first strict round (collapsed "
                    "stacks here) and print their top frames by self time.")
 def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, imaging: bool, llm: bool,
-          autoscale: bool, replicas: int, deployments_dir: Path | None, json_path: Path | None,
-          profile_dir: Path | None) -> None:
+          autoscale: bool, replicas: int, raw_access_log: bool, deployments_dir: Path | None,
+          json_path: Path | None, profile_dir: Path | None) -> None:
     """Load raw Ray Serve and the gateway side by side in a private Ray; print throughput, p50/p95/p99, ratios.
 
     Starts its own Ray on free ports with its own SQLite (a running medserve is
@@ -51,7 +54,8 @@ def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, ima
     catalog_dir = deployments_dir or settings.deployments_dir
     options = BenchOptions(
         concurrency=concurrency, duration_s=duration_s, rounds=rounds, throughput_optimized=serve_mode == "throughput",
-        imaging=imaging, llm=llm, autoscale=autoscale, replicas=replicas, deployments_dir=Path(catalog_dir),
+        imaging=imaging, llm=llm, autoscale=autoscale, replicas=replicas, raw_access_log=raw_access_log,
+        deployments_dir=Path(catalog_dir),
         profile_dir=profile_dir,
     )
     report = run_bench(options, log=lambda line: click.echo(line, err=True))
