@@ -320,8 +320,9 @@ def test_a_streaming_interval_gathers_tokens_after_the_first_one(specs):
     gathered = asyncio.run(deltas(60))
     assert "".join(e["content"] for _, e in gathered) == "".join(pieces)
     assert sum(e["tokens"] for _, e in gathered) == len(pieces)
-    # 300 ms of pieces in items at least 60 ms apart: far fewer items than pieces.
-    assert len(gathered) <= 8
+    # Pieces 10 ms apart in items at least 60 ms apart: far fewer items than pieces (about 6 here;
+    # not a fixed count, which a slower machine, pacing the pieces further apart, would raise).
+    assert len(gathered) < len(pieces) / 2
     # The first token never waits for company (two at most, when the next was generated before it left).
     assert gathered[0][1]["tokens"] <= 2
     gaps = [later - earlier for (earlier, _), (later, _) in zip(gathered, gathered[1:])]

@@ -95,8 +95,7 @@ def verify_api_key(session: Session, presented: str, now: datetime | None = None
     row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
     if row is None or not hmac.compare_digest(row.secret_sha256, _hash_secret(secret)):
         raise AuthenticationError()
-    now = now or utcnow()
-    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+    if _state(row, now or utcnow()) != "active":
         raise AuthenticationError()
     return Principal(key_id=row.key_id, name=row.name, role=Role(row.role), department=row.department,
                      rate_limit_rps=row.rate_limit_rps)
@@ -162,10 +161,8 @@ def load_key_table(session: Session) -> KeyTable:
 
 def key_is_live(session: Session, key_id: str, now: datetime) -> bool:
     """True while the key exists, is not revoked and has not expired (a console session signed in with it lives on)."""
-    row = session.execute(
-        select(ApiKey.revoked_at, ApiKey.expires_at).where(ApiKey.key_id == key_id)
-    ).one_or_none()
-    return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
+    return row is not None and _state(row, now) == "active"
 
 
 def _find_key(session: Session, key_id: str) -> ApiKey:
