@@ -318,6 +318,17 @@ class AggregatingBackend:
             else:
                 self._observations.setdefault(key, []).append(value)
 
+    def add_request(self, labels: "_RequestLabels", duration_s: float) -> None:
+        """One request's count and duration, under one lock, with keys built once per label set."""
+        count_slot, duration_slot = labels.count_slot, labels.duration_slot
+        with self._lock:
+            self._counters[count_slot] = self._counters.get(count_slot, 0.0) + 1.0
+            observed = self._observations.get(duration_slot)
+            if observed is None:
+                self._observations[duration_slot] = [duration_s]
+            else:
+                observed.append(duration_s)
+
     def flush(self) -> None:
         with self._lock:
             counters, self._counters = self._counters, {}
@@ -399,6 +410,9 @@ class _RequestLabels(NamedTuple):
     duration: dict[str, str]
     count_key: tuple[tuple[str, str], ...]
     duration_key: tuple[tuple[str, str], ...]
+    # The AggregatingBackend's keys: (definition, label pairs).
+    count_slot: tuple[MetricDef, tuple[tuple[str, str], ...]]
+    duration_slot: tuple[MetricDef, tuple[tuple[str, str], ...]]
 
 
 # (model, version, operation, status, department) -> its label sets, bounded and checked once: every
@@ -417,7 +431,9 @@ def _labels_for_request(
         count = {**duration, "department": bounded(department)}
         _check_labels(REQUESTS, count)
         _check_labels(REQUEST_DURATION, duration)
-        labels = _RequestLabels(count, duration, tuple(count.items()), tuple(duration.items()))
+        count_key, duration_key = tuple(count.items()), tuple(duration.items())
+        labels = _RequestLabels(count, duration, count_key, duration_key, (REQUESTS, count_key),
+                                (REQUEST_DURATION, duration_key))
         if len(_request_labels) < 4096:
             _request_labels[cache_key] = labels
     return labels
@@ -433,8 +449,7 @@ def record_request(
     try:
         backend = _current_backend()
         if isinstance(backend, AggregatingBackend):  # the replica's case: no dict to tuple per request
-            backend.add(REQUESTS, 1.0, labels.count_key)
-            backend.add(REQUEST_DURATION, duration_s, labels.duration_key)
+            backend.add_request(labels, duration_s)
         else:
             backend.record(REQUESTS, 1.0, labels.count)
             backend.record(REQUEST_DURATION, duration_s, labels.duration)

@@ -208,3 +208,34 @@ def test_a_malformed_record_is_refused_alone_and_the_writer_keeps_working(audit_
     finally:
         writer.close()
     assert _count(audit_db_url) == 1
+
+
+def test_a_scopes_values_and_its_record_dict_land_as_the_same_row(audit_db_url):
+    """The hot routes hand AuditScope.to_values to the writer, the others a dict: one row either way."""
+    from medserve.audit.writer import _compact
+    from medserve.gateway.audit_scope import AuditScope
+    from medserve.security.api_keys import Principal
+    from medserve.security.roles import Role
+
+    scope = AuditScope(operation="imaging.analyze", model_name="brain-mri", input_sha256="a" * 64,
+                       output_sha256="b" * 64, output_label="tumour", rollout="canary", shadow_of=uuid.uuid4(),
+                       context={"patient": "p" * 16, "encounter": "e" * 16})
+    scope.principal = Principal(key_id=uuid.uuid4().hex, name="pacs", role=Role.CLINICAL_APP, department="radiology")
+    values, record = scope.to_values(200, None, "ok"), scope.to_record(200, None, "ok")
+    assert values[0] == scope.id_text == str(scope.id) and record["id"] == scope.id
+    as_dict = _compact(record)
+    # created_at and latency_ms are taken at each call; every other value is the same.
+    assert [v for i, v in enumerate(values) if i not in (1, 13)] == [v for i, v in enumerate(as_dict) if i not in (1, 13)]
+    second = AuditScope(operation="imaging.analyze", model_name="brain-mri")
+    writer = AuditWriter(audit_db_url, signing_key=KEY)
+    try:
+        asyncio.run(writer.write(values, durable=True))
+        asyncio.run(writer.write(second.to_record(403, "permission_denied", "denied"), durable=True))
+    finally:
+        writer.close()
+    with session_scope(audit_db_url) as session:
+        rows = {row.id: row for row in session.scalars(select(AuditRecord))}
+    assert rows[scope.id].output_label == "tumour" and rows[scope.id].shadow_of == scope.shadow_of
+    assert rows[scope.id].caller_name == "pacs" and rows[scope.id].patient_pseudonym == "p" * 16
+    assert rows[second.id].http_status == 403 and rows[second.id].caller_name is None
+    assert verify(audit_db_url, KEY).ok

@@ -176,8 +176,9 @@ class AuditWriter:
 
     # --- producers ---------------------------------------------------------------
 
-    async def write(self, record: dict[str, Any], *, durable: bool) -> str | None:
-        """Queue a record; with durable=True return only once it is committed or spooled, and say which
+    async def write(self, record: dict[str, Any] | list[Any], *, durable: bool) -> str | None:
+        """Queue a record (a dict keyed by column, or already its values in INPUT_COLUMNS order with ids
+        as text, as ``AuditScope.to_values`` gives it); with durable=True return only once it is committed or spooled, and say which
         (COMMITTED or SPOOLED; None for a record not waited on).
 
         Raises AuditUnavailableError when a durable record could be neither.
@@ -190,7 +191,7 @@ class AuditWriter:
                 raise AuditUnavailableError("the audit writer is shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str | None] | None = loop.create_future() if durable else None
-        values = _compact(record)
+        values = record if isinstance(record, list) else _compact(record)
         with self._lock:
             seqno = self._next_seqno = self._next_seqno + 1
             self._pending[seqno] = (values, loop, future)

@@ -22,6 +22,7 @@ from typing import Any
 
 from medserve import metrics
 from medserve.audit.writer import AuditWriter
+from medserve.audit.writer_process import INPUT_COLUMNS
 from medserve.catalog import CatalogEntry
 from medserve.db.models import utcnow
 from medserve.errors import AuditUnavailableError, AuthenticationError, MedserveError, PermissionDeniedError
@@ -134,41 +135,61 @@ class AuditScope:
     # Set by the streaming route: the time-to-first-token metric is labelled with it.
     streamed: bool = False
 
+    @property
+    def id_text(self) -> str:
+        """The record id as text (the inference id callers see); formatted once per request."""
+        cached = self.__dict__.get("_id_text")
+        if cached is None or cached[0] is not self.id:  # a record id set after creation (console events)
+            cached = self.__dict__["_id_text"] = (self.id, str(self.id))
+        return cached[1]
+
+    def to_values(self, http_status: int, error_code: str | None, outcome: str) -> list[Any]:
+        """The record as the audit writer takes it: values in ``INPUT_COLUMNS`` order, ids as text.
+
+        The hot routes hand this to the writer directly: a record dict costs a
+        dict of 29 keys and then a pass to put them back in column order, on
+        every request. ``_VALUE_ORDER`` (checked against the table at import)
+        keeps the two in step.
+        """
+        principal, entry, context = self.principal, self.entry, self.context
+        if principal is not None:
+            key_id, caller, role, department = principal.key_id, principal.name, principal.role.value, principal.department
+        else:
+            key_id = caller = role = department = None
+        if entry is not None:
+            model, version, artifact = entry.model_name, entry.model_version, entry.artifact_sha256
+        else:
+            model, version, artifact = (self.model_name or "")[:100] or None, None, None
+        ttft = self.time_to_first_token_s
+        return [
+            self.id_text, utcnow(), key_id, caller, role, department, model, version, artifact,
+            self.operation, outcome, http_status, error_code,
+            round((time.perf_counter() - self.started) * 1000.0, 3),
+            self.input_sha256, self.output_sha256, self.prompt_tokens, self.completion_tokens,
+            self.reasoning_sha256, None if ttft is None else round(ttft * 1000.0, 3), self.finish_reason,
+            context.get("patient"), context.get("encounter"), context.get("clinician"), context.get("purpose"),
+            self.rollout, self.shadow_of is not None, None if self.shadow_of is None else str(self.shadow_of),
+            self.output_label,
+        ]
+
     def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
-        principal, entry = self.principal, self.entry
-        return {
-            "id": self.id,
-            "created_at": utcnow(),
-            "api_key_id": principal.key_id if principal else None,
-            "caller_name": principal.name if principal else None,
-            "caller_role": principal.role.value if principal else None,
-            "department": principal.department if principal else None,
-            "model_name": entry.model_name if entry else (self.model_name or "")[:100] or None,
-            "model_version": entry.model_version if entry else None,
-            "artifact_sha256": entry.artifact_sha256 if entry else None,
-            "operation": self.operation,
-            "outcome": outcome,
-            "http_status": http_status,
-            "error_code": error_code,
-            "latency_ms": round((time.perf_counter() - self.started) * 1000.0, 3),
-            "input_sha256": self.input_sha256,
-            "output_sha256": self.output_sha256,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "reasoning_sha256": self.reasoning_sha256,
-            "finish_reason": self.finish_reason,
-            "time_to_first_token_ms": (
-                None if self.time_to_first_token_s is None else round(self.time_to_first_token_s * 1000.0, 3)
-            ),
-            "patient_pseudonym": self.context.get("patient"),
-            "encounter_pseudonym": self.context.get("encounter"),
-            "clinician_pseudonym": self.context.get("clinician"),
-            "purpose_pseudonym": self.context.get("purpose"),
-            "rollout": self.rollout,
-            "shadow": self.shadow_of is not None,
-            "shadow_of": self.shadow_of,
-            "output_label": self.output_label,
-        }
+        """The record as a dict keyed by column (ids as UUIDs): for records inspected or built on."""
+        record = dict(zip(_VALUE_ORDER, self.to_values(http_status, error_code, outcome)))
+        record["id"] = self.id
+        record["shadow_of"] = self.shadow_of
+        return record
+
+
+# The order of AuditScope.to_values; the audit table's input columns must be exactly these.
+_VALUE_ORDER = (
+    "id", "created_at", "api_key_id", "caller_name", "caller_role", "department", "model_name", "model_version",
+    "artifact_sha256", "operation", "outcome", "http_status", "error_code", "latency_ms", "input_sha256",
+    "output_sha256", "prompt_tokens", "completion_tokens", "reasoning_sha256", "time_to_first_token_ms",
+    "finish_reason", "patient_pseudonym", "encounter_pseudonym", "clinician_pseudonym", "purpose_pseudonym",
+    "rollout", "shadow", "shadow_of", "output_label",
+)
+if _VALUE_ORDER != INPUT_COLUMNS:  # fail at import, never with records in the wrong columns
+    raise RuntimeError("AuditScope.to_values is out of step with the audit table's columns")
 
 
 def _record_metrics(audit: AuditScope, http_status: int) -> None:
@@ -223,9 +244,9 @@ class AuditRecorder:
         itself except the typed error a known infrastructure failure becomes, and
         AuditUnavailableError when an answer's record cannot be written."""
         if error is None:
-            record = audit.to_record(200, None, "ok")
+            values = audit.to_values(200, None, "ok")
             try:
-                audit.landed = await self._writer.write(record, durable=self._durable)
+                audit.landed = await self._writer.write(values, durable=self._durable)
             except AuditUnavailableError as unavailable:
                 # The answer is withheld: count what the caller gets (503).
                 _record_metrics(audit, unavailable.http_status)

@@ -31,19 +31,21 @@ class JSONAnswer(JSONResponse):
         # Starlette's Response.__init__ builds the raw header list through a
         # MutableHeaders pass and a Content-Type charset check; every hot answer
         # has the same two framing headers, so they are written directly.
-        if headers and any(name.lower() in _FRAMING for name in headers):
-            super().__init__(content, status_code, headers, media_type, background)
-            return
+        extra = []
+        if headers:
+            for name, value in headers.items():
+                lowered = name.lower()
+                if lowered in _FRAMING:  # the caller frames the answer itself: Starlette's way
+                    super().__init__(content, status_code, headers, media_type, background)
+                    return
+                extra.append((lowered.encode("latin-1"), value.encode("latin-1")))
         self.status_code = status_code
         if media_type is not None:
             self.media_type = media_type
         self.background = background
         self.body = body = orjson.dumps(content, option=_OPTIONS)
-        raw = [(b"content-length", str(len(body)).encode()),
-               (b"content-type", (media_type or "application/json").encode("latin-1"))]
-        if headers:
-            raw.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items())
-        self.raw_headers = raw
+        self.raw_headers = [(b"content-length", str(len(body)).encode()),
+                            (b"content-type", (media_type or "application/json").encode("latin-1")), *extra]
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=_OPTIONS)

@@ -281,8 +281,9 @@ class GatewayState:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(limit_bytes=limit)
-        if hasattr(request, "_body"):  # read already (Starlette keeps it there)
-            return request._body
+        read = request.__dict__.get("_body")  # read already (Starlette keeps it there)
+        if read is not None:
+            return read
         # Straight from the ASGI channel rather than through request.stream(): one
         # awaited message for a small body, no async generator per request.
         receive = request.receive

@@ -44,7 +44,7 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
         audit.input_sha256 = sha256_hex(body)
         result = await gateway.call(entry, "classify", body, content_type, audit=audit)
         audit.output_sha256 = result.pop("output_sha256")
-        inference_id = str(audit.id)
+        inference_id = audit.id_text
         payload = {
             "inference_id": inference_id,
             "model": entry.model_name,

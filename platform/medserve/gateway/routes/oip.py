@@ -40,8 +40,8 @@ async def infer_tensors(gateway: GatewayState, name: str, request: Request) -> J
         payload = {
             "model_name": entry.model_name,
             "model_version": entry.model_version,
-            "id": parsed.id or str(audit.id),
+            "id": parsed.id or audit.id_text,
             "outputs": result["outputs"],
-            "parameters": {"inference_id": str(audit.id)},
+            "parameters": {"inference_id": audit.id_text},
         }
-    return JSONAnswer(payload, headers=provenance_headers(str(audit.id), entry, audit.landed))
+    return JSONAnswer(payload, headers=provenance_headers(audit.id_text, entry, audit.landed))
