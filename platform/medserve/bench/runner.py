@@ -278,6 +278,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
                 for scenario, app in zip(scenarios[:2], (RAW_APP, GATEWAY_APP)):
                     scenario.profile = Profile(lambda app=app: _replica_pids(platform, app),  # type: ignore[misc]
                                                options.profile_dir / f"{app}-{durability}.txt")
+                # By handle: the gateway's replica and the model's (one recording each, then together).
+                scenarios[2].profile = Profile(
+                    lambda: _replica_pids(platform, GATEWAY_APP, app_name_for(by_handle)),
+                    options.profile_dir / f"by-handle-{durability}.txt")
             raw, local, hop = _alternate(scenarios, options.rounds, options.duration_s, options.warmup_s)
             report.profiles.update({s.label: s.top_frames for s in scenarios if s.top_frames})
             report.results += [r.summary() for r in (raw, local, hop)]

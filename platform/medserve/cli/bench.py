@@ -34,8 +34,8 @@ from medserve.cli.common import load_settings
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON here.")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Record raw's and the gateway's replicas with py-spy during the first strict round (collapsed "
-                   "stacks here) and print their top frames by self time.")
+              help="Record raw's and the gateway's replicas (by handle, the model's replica too) with py-spy "
+                   "during the first strict round (collapsed stacks here) and print their top frames by self time.")
 def bench(concurrency: int, duration_s: float, rounds: int, serve_mode: str, imaging: bool, llm: bool,
           autoscale: bool, replicas: int, raw_access_log: bool, deployments_dir: Path | None,
           json_path: Path | None, profile_dir: Path | None) -> None:
