@@ -314,20 +314,25 @@ class AggregatingBackend:
         key = (definition, items)
         with self._lock:
             if definition.kind == "counter":
-                self._counters[key] = self._counters.get(key, 0.0) + value
+                self._count(key, value)
             else:
-                self._observations.setdefault(key, []).append(value)
+                self._observe(key, value)
 
     def add_request(self, labels: "_RequestLabels", duration_s: float) -> None:
         """One request's count and duration, under one lock, with keys built once per label set."""
-        count_slot, duration_slot = labels.count_slot, labels.duration_slot
         with self._lock:
-            self._counters[count_slot] = self._counters.get(count_slot, 0.0) + 1.0
-            observed = self._observations.get(duration_slot)
-            if observed is None:
-                self._observations[duration_slot] = [duration_s]
-            else:
-                observed.append(duration_s)
+            self._count(labels.count_slot, 1.0)
+            self._observe(labels.duration_slot, duration_s)
+
+    def _count(self, key: tuple[MetricDef, tuple[tuple[str, str], ...]], value: float) -> None:
+        self._counters[key] = self._counters.get(key, 0.0) + value  # with the lock held
+
+    def _observe(self, key: tuple[MetricDef, tuple[tuple[str, str], ...]], value: float) -> None:
+        observed = self._observations.get(key)  # with the lock held
+        if observed is None:
+            self._observations[key] = [value]
+        else:
+            observed.append(value)
 
     def flush(self) -> None:
         with self._lock:
@@ -408,8 +413,6 @@ class _RequestLabels(NamedTuple):
 
     count: dict[str, str]
     duration: dict[str, str]
-    count_key: tuple[tuple[str, str], ...]
-    duration_key: tuple[tuple[str, str], ...]
     # The AggregatingBackend's keys: (definition, label pairs).
     count_slot: tuple[MetricDef, tuple[tuple[str, str], ...]]
     duration_slot: tuple[MetricDef, tuple[tuple[str, str], ...]]
@@ -431,9 +434,8 @@ def _labels_for_request(
         count = {**duration, "department": bounded(department)}
         _check_labels(REQUESTS, count)
         _check_labels(REQUEST_DURATION, duration)
-        count_key, duration_key = tuple(count.items()), tuple(duration.items())
-        labels = _RequestLabels(count, duration, count_key, duration_key, (REQUESTS, count_key),
-                                (REQUEST_DURATION, duration_key))
+        labels = _RequestLabels(count, duration, (REQUESTS, tuple(count.items())),
+                                (REQUEST_DURATION, tuple(duration.items())))
         if len(_request_labels) < 4096:
             _request_labels[cache_key] = labels
     return labels

@@ -210,32 +210,49 @@ def test_a_malformed_record_is_refused_alone_and_the_writer_keeps_working(audit_
     assert _count(audit_db_url) == 1
 
 
-def test_a_scopes_values_and_its_record_dict_land_as_the_same_row(audit_db_url):
-    """The hot routes hand AuditScope.to_values to the writer, the others a dict: one row either way."""
-    from medserve.audit.writer import _compact
+def test_a_scopes_values_are_its_columns_by_name_and_land_as_its_row(audit_db_url):
+    """The hot routes hand AuditScope.to_values (columns by position) to the writer, the others its dict."""
+    from medserve.audit.writer_process import INPUT_COLUMNS
     from medserve.gateway.audit_scope import AuditScope
     from medserve.security.api_keys import Principal
     from medserve.security.roles import Role
 
-    scope = AuditScope(operation="imaging.analyze", model_name="brain-mri", input_sha256="a" * 64,
-                       output_sha256="b" * 64, output_label="tumour", rollout="canary", shadow_of=uuid.uuid4(),
-                       context={"patient": "p" * 16, "encounter": "e" * 16})
+    class Entry:  # the catalog entry's fields a record takes
+        model_name, model_version, artifact_sha256 = "brain-mri", "2.1.0", "f" * 64
+
+    scope = AuditScope(operation="imaging.analyze", model_name="asked-for", input_sha256="a" * 64,
+                       output_sha256="b" * 64, prompt_tokens=11, completion_tokens=7, reasoning_sha256="c" * 64,
+                       finish_reason="stop", output_label="tumour", rollout="canary", shadow_of=uuid.uuid4(),
+                       context={"patient": "p" * 16, "encounter": "e" * 16, "clinician": "d" * 16,
+                                "purpose": "u" * 16})
+    scope.entry = Entry()  # type: ignore[assignment]
+    scope.time_to_first_token_s = 0.25
     scope.principal = Principal(key_id=uuid.uuid4().hex, name="pacs", role=Role.CLINICAL_APP, department="radiology")
-    values, record = scope.to_values(200, None, "ok"), scope.to_record(200, None, "ok")
-    assert values[0] == scope.id_text == str(scope.id) and record["id"] == scope.id
-    as_dict = _compact(record)
-    # created_at and latency_ms are taken at each call; every other value is the same.
-    assert [v for i, v in enumerate(values) if i not in (1, 13)] == [v for i, v in enumerate(as_dict) if i not in (1, 13)]
-    second = AuditScope(operation="imaging.analyze", model_name="brain-mri")
+    values = dict(zip(INPUT_COLUMNS, scope.to_values(201, "some_code", "ok"), strict=True))
+    timed = {"created_at", "latency_ms"}  # taken at the call
+    assert {name: value for name, value in values.items() if name not in timed} == {
+        "id": str(scope.id), "api_key_id": scope.principal.key_id, "caller_name": "pacs",
+        "caller_role": "clinical-app", "department": "radiology", "model_name": "brain-mri",
+        "model_version": "2.1.0", "artifact_sha256": "f" * 64, "operation": "imaging.analyze", "outcome": "ok",
+        "http_status": 201, "error_code": "some_code", "input_sha256": "a" * 64, "output_sha256": "b" * 64,
+        "prompt_tokens": 11, "completion_tokens": 7, "reasoning_sha256": "c" * 64, "time_to_first_token_ms": 250.0,
+        "finish_reason": "stop", "patient_pseudonym": "p" * 16, "encounter_pseudonym": "e" * 16,
+        "clinician_pseudonym": "d" * 16, "purpose_pseudonym": "u" * 16, "rollout": "canary", "shadow": True,
+        "shadow_of": str(scope.shadow_of), "output_label": "tumour",
+    }
+    assert values["created_at"].tzinfo is not None and values["latency_ms"] >= 0
+    refused = AuditScope(operation="imaging.analyze", model_name="x" * 150)
+    record = refused.to_record(403, "permission_denied", "denied")
+    assert record["id"] == refused.id and record["model_name"] == "x" * 100 and record["caller_name"] is None
     writer = AuditWriter(audit_db_url, signing_key=KEY)
     try:
-        asyncio.run(writer.write(values, durable=True))
-        asyncio.run(writer.write(second.to_record(403, "permission_denied", "denied"), durable=True))
+        asyncio.run(writer.write(scope.to_values(200, None, "ok"), durable=True))
+        asyncio.run(writer.write(record, durable=True))
     finally:
         writer.close()
     with session_scope(audit_db_url) as session:
         rows = {row.id: row for row in session.scalars(select(AuditRecord))}
     assert rows[scope.id].output_label == "tumour" and rows[scope.id].shadow_of == scope.shadow_of
     assert rows[scope.id].caller_name == "pacs" and rows[scope.id].patient_pseudonym == "p" * 16
-    assert rows[second.id].http_status == 403 and rows[second.id].caller_name is None
+    assert rows[refused.id].http_status == 403 and rows[refused.id].caller_name is None
     assert verify(audit_db_url, KEY).ok

@@ -178,8 +178,8 @@ class AuditWriter:
 
     async def write(self, record: dict[str, Any] | list[Any], *, durable: bool) -> str | None:
         """Queue a record (a dict keyed by column, or already its values in INPUT_COLUMNS order with ids
-        as text, as ``AuditScope.to_values`` gives it); with durable=True return only once it is committed or spooled, and say which
-        (COMMITTED or SPOOLED; None for a record not waited on).
+        as text, as ``AuditScope.to_values`` gives it); with durable=True return only once it is committed
+        or spooled, and say which (COMMITTED or SPOOLED; None for a record not waited on).
 
         Raises AuditUnavailableError when a durable record could be neither.
         """

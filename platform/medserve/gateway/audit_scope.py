@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -135,21 +136,19 @@ class AuditScope:
     # Set by the streaming route: the time-to-first-token metric is labelled with it.
     streamed: bool = False
 
-    @property
+    @functools.cached_property
     def id_text(self) -> str:
-        """The record id as text (the inference id callers see); formatted once per request."""
-        cached = self.__dict__.get("_id_text")
-        if cached is None or cached[0] is not self.id:  # a record id set after creation (console events)
-            cached = self.__dict__["_id_text"] = (self.id, str(self.id))
-        return cached[1]
+        """The record id as text (the inference id callers see); formatted once per request. The id is
+        fixed at construction (a console event passes its own)."""
+        return str(self.id)
 
     def to_values(self, http_status: int, error_code: str | None, outcome: str) -> list[Any]:
         """The record as the audit writer takes it: values in ``INPUT_COLUMNS`` order, ids as text.
 
         The hot routes hand this to the writer directly: a record dict costs a
         dict of 29 keys and then a pass to put them back in column order, on
-        every request. ``_VALUE_ORDER`` (checked against the table at import)
-        keeps the two in step.
+        every request. The list follows the table's columns by position;
+        tests/unit/test_audit_writer.py checks every column by name.
         """
         principal, entry, context = self.principal, self.entry, self.context
         if principal is not None:
@@ -174,22 +173,10 @@ class AuditScope:
 
     def to_record(self, http_status: int, error_code: str | None, outcome: str) -> dict[str, Any]:
         """The record as a dict keyed by column (ids as UUIDs): for records inspected or built on."""
-        record = dict(zip(_VALUE_ORDER, self.to_values(http_status, error_code, outcome)))
+        record = dict(zip(INPUT_COLUMNS, self.to_values(http_status, error_code, outcome)))
         record["id"] = self.id
         record["shadow_of"] = self.shadow_of
         return record
-
-
-# The order of AuditScope.to_values; the audit table's input columns must be exactly these.
-_VALUE_ORDER = (
-    "id", "created_at", "api_key_id", "caller_name", "caller_role", "department", "model_name", "model_version",
-    "artifact_sha256", "operation", "outcome", "http_status", "error_code", "latency_ms", "input_sha256",
-    "output_sha256", "prompt_tokens", "completion_tokens", "reasoning_sha256", "time_to_first_token_ms",
-    "finish_reason", "patient_pseudonym", "encounter_pseudonym", "clinician_pseudonym", "purpose_pseudonym",
-    "rollout", "shadow", "shadow_of", "output_label",
-)
-if _VALUE_ORDER != INPUT_COLUMNS:  # fail at import, never with records in the wrong columns
-    raise RuntimeError("AuditScope.to_values is out of step with the audit table's columns")
 
 
 def _record_metrics(audit: AuditScope, http_status: int) -> None:
