@@ -42,7 +42,10 @@ AUDIT_COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 Kind = Literal["counter", "gauge", "histogram"]
 
 
-@dataclass(frozen=True)
+# eq=False: compared and hashed by identity. Each definition is made once (_define refuses a second of
+# the same name), and the aggregate keys every request's samples by it: a generated __hash__ would hash
+# all five fields on every lookup.
+@dataclass(frozen=True, eq=False)
 class MetricDef:
     name: str  # as defined; Prometheus sees exported_name
     kind: Kind

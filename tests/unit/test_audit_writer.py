@@ -256,3 +256,30 @@ def test_a_scopes_values_are_its_columns_by_name_and_land_as_its_row(audit_db_ur
     assert rows[scope.id].caller_name == "pacs" and rows[scope.id].patient_pseudonym == "p" * 16
     assert rows[refused.id].http_status == 403 and rows[refused.id].caller_name is None
     assert verify(audit_db_url, KEY).ok
+
+
+def test_record_ids_are_random_version_4_uuids_in_canonical_text():
+    from medserve.gateway.audit_scope import AuditScope, new_record_id
+
+    texts = [AuditScope("imaging.analyze", None).id_text for _ in range(2000)]
+    assert len(set(texts)) == len(texts)
+    for text in texts:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Written from the random bytes' hex: every free position takes every digit over 2,000 ids
+    # (a fixed or biased digit would not), and the variant digit only its four allowed ones.
+    fixed = {8: "-", 13: "-", 14: "4", 18: "-", 23: "-"}
+    for position in range(36):
+        seen = {text[position] for text in texts}
+        if position in fixed:
+            assert seen == {fixed[position]}
+        elif position == 19:
+            assert seen == set("89ab")
+        else:
+            assert len(seen) == 16, position
+    given = uuid.uuid4()
+    console_event = AuditScope("console.view", None, id=given)
+    assert console_event.id == given and console_event.id_text == str(given)
+    assert new_record_id().version == 4
+    with pytest.raises(TypeError):
+        AuditScope("imaging.analyze", None, output_sha="misspelt")

@@ -54,6 +54,9 @@ def test_an_engine_placed_in_the_gateway_answers_in_process_and_is_audited(tmp_p
         body = response.json()
         assert body["top_label"] == "noop" and body["model_version"] == "1" and body["status"] == "draft"
         assert response.headers["X-Medserve-Inference-Id"] == body["inference_id"]
+        # The provenance headers the hot route writes as raw pairs: the same names and values as everywhere.
+        assert (response.headers["X-Medserve-Model"], response.headers["X-Medserve-Model-Version"],
+                response.headers["X-Medserve-Audit"]) == ("noop-here", "1", "committed")
         assert state.writer.flush()
     from medserve.db.models import AuditRecord
 

@@ -27,7 +27,11 @@ class JSONAnswer(JSONResponse):
         headers: Mapping[str, str] | None = None,
         media_type: str | None = None,
         background: BackgroundTask | None = None,
+        *,
+        raw_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        """``raw_headers``: more headers, already as (lower-case name, latin-1 value) byte pairs, as the
+        hot routes' provenance headers come (``state.provenance_raw_headers``)."""
         # Starlette's Response.__init__ builds the raw header list through a
         # MutableHeaders pass and a Content-Type charset check; every hot answer
         # has the same two framing headers, so they are written directly.
@@ -46,6 +50,8 @@ class JSONAnswer(JSONResponse):
         self.body = body = orjson.dumps(content, option=_OPTIONS)
         self.raw_headers = [(b"content-length", str(len(body)).encode()),
                             (b"content-type", (media_type or "application/json").encode("latin-1")), *extra]
+        if raw_headers:
+            self.raw_headers += raw_headers
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=_OPTIONS)

@@ -557,6 +557,28 @@ def provenance_headers(inference_id: str, entry: CatalogEntry, landed: str | Non
     return headers
 
 
+# (model, version) -> the answer's model headers, encoded once: every hot answer carries them. Bounded by
+# the catalog's size (a replica serves a few dozen entries), cleared if a reload ever grew it past that.
+_MODEL_HEADERS: dict[tuple[str, str], tuple[tuple[bytes, bytes], ...]] = {}
+
+
+def provenance_raw_headers(inference_id: str, entry: CatalogEntry, landed: str | None = None
+                           ) -> list[tuple[bytes, bytes]]:
+    """``provenance_headers`` as raw header pairs (lower-case names, latin-1 values, as Starlette writes
+    them), for the hot routes' JSONAnswer: no header dict to lower-case and encode on every answer."""
+    key = (entry.model_name, entry.model_version)
+    model = _MODEL_HEADERS.get(key)
+    if model is None:
+        if len(_MODEL_HEADERS) >= 1024:
+            _MODEL_HEADERS.clear()
+        model = _MODEL_HEADERS[key] = ((b"x-medserve-model", entry.model_name.encode("latin-1")),
+                                       (b"x-medserve-model-version", entry.model_version.encode("latin-1")))
+    headers = [(b"x-medserve-inference-id", inference_id.encode("latin-1")), *model]
+    if landed is not None:
+        headers.append((b"x-medserve-audit", landed.encode("latin-1")))
+    return headers
+
+
 def parse_json_body(model: type, body: bytes) -> Any:
     """Validate a JSON body inside the audit scope; field paths only, never values."""
     from pydantic import ValidationError

@@ -8,7 +8,7 @@ from medserve.errors import UnsupportedMediaTypeError
 from medserve.gateway.answers import ImagingAnswer, ok
 from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, IMAGE_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
-from medserve.gateway.state import GatewayState, get_gateway, provenance_headers
+from medserve.gateway.state import GatewayState, get_gateway, provenance_raw_headers
 from medserve.reviews.results import keep_result, result_row
 
 router = APIRouter(tags=["imaging"])
@@ -59,4 +59,4 @@ async def analyze(gateway: GatewayState, name: str, request: Request) -> JSONRes
                                 content_sha256=audit.output_sha256, document={"findings": result.get("findings")})
             await keep_result(gateway.database_url, stored, required=False,
                               timeout_s=gateway.settings.audit_db_timeout_s)
-    return JSONAnswer(payload, headers=provenance_headers(inference_id, entry, audit.landed))
+    return JSONAnswer(payload, raw_headers=provenance_raw_headers(inference_id, entry, audit.landed))

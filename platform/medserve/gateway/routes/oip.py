@@ -9,7 +9,7 @@ from medserve.digests import sha256_hex
 from medserve.gateway.answers import InferAnswer, ok
 from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, IMAGE_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
-from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
+from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_raw_headers
 from medserve.protocols.oip import InferRequest
 
 router = APIRouter(tags=["oip-v2"])
@@ -44,4 +44,4 @@ async def infer_tensors(gateway: GatewayState, name: str, request: Request) -> J
             "outputs": result["outputs"],
             "parameters": {"inference_id": audit.id_text},
         }
-    return JSONAnswer(payload, headers=provenance_headers(audit.id_text, entry, audit.landed))
+    return JSONAnswer(payload, raw_headers=provenance_raw_headers(audit.id_text, entry, audit.landed))
