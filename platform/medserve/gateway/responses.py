@@ -41,6 +41,8 @@ class JSONAnswer(JSONResponse):
                 lowered = name.lower()
                 if lowered in _FRAMING:  # the caller frames the answer itself: Starlette's way
                     super().__init__(content, status_code, headers, media_type, background)
+                    if raw_headers:
+                        self.raw_headers += raw_headers
                     return
                 extra.append((lowered.encode("latin-1"), value.encode("latin-1")))
         self.status_code = status_code
