@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -99,6 +100,53 @@ def _unfinished(item: Any) -> bool:
     return isinstance(item, Piece) and item.finish_reason is None
 
 
+class _PieceChannel:
+    """Generated pieces from the engine's worker thread to the event loop: a wake-up per item, not per token.
+
+    Waking the event loop from another thread costs a system call on each side
+    and the GIL's hand-over, on every token: CPU taken from the engine's own
+    threads, which on a small machine (llama.cpp with a thread per core) slows
+    the engine itself. The worker wakes the loop for the first piece (never
+    delayed), for the last one or an error (the end never waits), and for the
+    first piece generated ``hold_s`` or more after the loop last took pieces;
+    the pieces in between wait in a list for the loop to take them all at once.
+    ``hold_s`` None: only the first and the last (a whole answer); 0: every piece
+    that finds no wake-up already under way.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, hold_s: float | None) -> None:
+        self._loop = loop
+        self._hold_s = hold_s
+        self._lock = threading.Lock()
+        self._held: list[Piece | BaseException] = []
+        self._taken_at: float | None = None  # when the loop last took pieces (time.monotonic)
+        self._wake_pending = False  # woken, and the loop has not taken the pieces yet
+        self.ready = asyncio.Event()  # set on the loop by the worker's wake-up
+
+    def put(self, item: Piece | BaseException) -> None:
+        """The worker thread's side."""
+        with self._lock:
+            self._held.append(item)
+            if self._wake_pending:
+                return
+            hold_s, taken_at = self._hold_s, self._taken_at
+            if not (taken_at is None or not _unfinished(item)
+                    or (hold_s is not None and time.monotonic() - taken_at >= hold_s)):
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self.ready.set)
+
+    def take(self) -> list[Piece | BaseException]:
+        """The event loop's side: every piece held so far (none, after a late wake-up)."""
+        with self._lock:
+            held, self._held = self._held, []
+            self._wake_pending = False
+            if held:
+                self._taken_at = time.monotonic()
+        self.ready.clear()
+        return held
+
+
 class ModelServer:
     """One replica of one model deployment."""
 
@@ -140,9 +188,12 @@ class ModelServer:
         room = engine.context_length - len(prompt)
         return engine, prompt, replace(params, max_tokens=min(params.max_tokens, room))
 
-    async def _events(self, request: dict[str, Any], interval_s: float = 0.0) -> AsyncIterator[dict[str, Any]]:
-        """start, then deltas (pieces that arrived together are merged), then end. With interval_s,
-        each delta after the first also takes what is generated within interval_s of the one before.
+    async def _events(self, request: dict[str, Any], interval_s: float | None) -> AsyncIterator[dict[str, Any]]:
+        """start, then deltas (pieces that arrived together are merged), then end.
+
+        ``interval_s`` (a stream): each delta after the first also takes what is generated within
+        interval_s of the one before; 0, a delta per wake-up. None (a whole answer, read only at its
+        end): the first piece (its time is the time to first token), then everything else at the end.
 
         Generation runs in a worker thread; closing this generator (the caller
         went away, the gateway gave up) sets the cancel flag, and the engine
@@ -152,38 +203,35 @@ class ModelServer:
         yield {"type": "start", "prompt_tokens": len(prompt)}
         splitter = ReasoningSplitter() if request.get("kind", "chat") == "chat" and self.spec.reasoning.parser else None
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
-        ended = asyncio.Event()  # the engine's last piece (or its error) is queued
+        channel = _PieceChannel(loop, interval_s)
         cancel = threading.Event()
-
-        def deliver(item: Piece | BaseException) -> None:
-            pieces.put_nowait(item)
-            if not _unfinished(item):
-                ended.set()
 
         def produce() -> None:
             try:
                 for piece in engine.generate(prompt, params, cancel):
-                    loop.call_soon_threadsafe(deliver, piece)
+                    channel.put(piece)
             except BaseException as error:  # noqa: BLE001 - handed to the event loop
-                loop.call_soon_threadsafe(deliver, error)
+                channel.put(error)
 
         started = loop.time()
         worker = loop.run_in_executor(None, produce)
         completion_tokens, first_token_s = 0, None
-        # A stream's items after the first gather what is generated within interval_s; the end never waits.
         last_item_at = None
         try:
             while True:
-                batch = [await pieces.get()]
-                if interval_s and last_item_at is not None and not ended.is_set():
+                batch: list[Piece | BaseException] = []
+                if interval_s and last_item_at is not None:
+                    # The worker wakes this loop for the first piece generated interval_s after the
+                    # last take; the timer covers an engine that pauses with pieces held.
                     wait_s = last_item_at + interval_s - loop.time()
-                    if wait_s > 0:
+                    if wait_s > 0 and not channel.ready.is_set():
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(wait_s):
-                                await ended.wait()
-                while not pieces.empty():
-                    batch.append(pieces.get_nowait())
+                                await channel.ready.wait()
+                    batch = channel.take()
+                while not batch:
+                    await channel.ready.wait()
+                    batch = channel.take()
                 for item in batch:
                     if isinstance(item, BaseException):
                         raise item
@@ -227,7 +275,7 @@ class ModelServer:
     @_envelope_errors
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """The whole answer at once."""
-        return await whole_answer(self._events(request))
+        return await whole_answer(self._events(request, None))
 
     # --- imaging ---------------------------------------------------------
 
