@@ -316,28 +316,31 @@ def test_the_engine_thread_wakes_the_event_loop_per_item_not_per_token():
             self.wakes += 1
 
     pieces = [Piece(text=f"w{i} ", tokens=1) for i in range(29)] + [Piece(text=".", tokens=1, finish_reason="stop")]
-    whole = _PieceChannel(Loop(), None)  # type: ignore[arg-type]
+    loop = Loop()
+    whole = _PieceChannel(loop, None)  # type: ignore[arg-type]
     whole.put(pieces[0])
-    assert whole._loop.wakes == 1 and whole.take() == pieces[:1]  # the first piece is never held
+    assert loop.wakes == 1 and whole.take() == pieces[:1]  # the first piece is never held
     for piece in pieces[1:-1]:
         whole.put(piece)
-    assert whole._loop.wakes == 1  # 28 pieces held, nobody woken
+    assert loop.wakes == 1  # 28 pieces held, nobody woken
     whole.put(pieces[-1])
-    assert whole._loop.wakes == 2 and whole.take() == pieces[1:]  # the last wakes the loop, with all of them
+    assert loop.wakes == 2 and whole.take() == pieces[1:]  # the last wakes the loop, with all of them
 
-    stream = _PieceChannel(Loop(), 0.0)  # type: ignore[arg-type]
+    loop = Loop()
+    stream = _PieceChannel(loop, 0.0)  # type: ignore[arg-type]
     stream.put(pieces[0])
     stream.put(pieces[1])  # a wake-up is already under way: no second one
-    assert stream._loop.wakes == 1 and stream.take() == pieces[:2]
+    assert loop.wakes == 1 and stream.take() == pieces[:2]
     stream.put(pieces[2])
-    assert stream._loop.wakes == 2 and stream.take() == pieces[2:3]
+    assert loop.wakes == 2 and stream.take() == pieces[2:3]
 
-    failing = _PieceChannel(Loop(), None)  # type: ignore[arg-type]
+    loop = Loop()
+    failing = _PieceChannel(loop, None)  # type: ignore[arg-type]
     failing.put(pieces[0])
     failing.take()
     error = RuntimeError("engine failed")
     failing.put(error)
-    assert failing._loop.wakes == 2 and failing.take() == [error]
+    assert loop.wakes == 2 and failing.take() == [error]
 
 
 def test_a_streaming_interval_gathers_tokens_after_the_first_one(specs):

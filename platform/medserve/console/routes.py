@@ -154,8 +154,7 @@ async def audit(gateway: GatewayState, operation: str, principal: Principal | No
     ``subject``: the result it concerns, kept as the sha256 of its id in input_sha256 (the record holds
     digests only; find the views of a result by the digest of its id). Not counted as an inference request.
     """
-    scope = (AuditScope(operation=operation, model_name=model) if record_id is None
-             else AuditScope(operation=operation, model_name=model, id=record_id))
+    scope = AuditScope(operation=operation, model_name=model, id=record_id)
     scope.principal = principal
     scope.input_sha256 = sha256_hex(str(subject)) if subject is not None else None
     record = scope.to_record(error.http_status if error else status, error.code if error else None,

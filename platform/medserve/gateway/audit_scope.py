@@ -109,7 +109,7 @@ class AuditScope:
     # Timing hooks for metrics (not stored whole): seconds from the request's
     # arrival to its first generated token, and between successive tokens.
     time_to_first_token_s: float | None = None
-    inter_token_latencies_s: tuple[float, ...] | list[float] = ()
+    inter_token_latencies_s: list[float]
     _last_token_at: float | None = None
     # Set by the streaming route: the time-to-first-token metric is labelled with it.
     streamed: bool = False
@@ -124,6 +124,7 @@ class AuditScope:
         self.id_text = _record_ids.next_text() if id is None else str(id)
         self.context = {} if context is None else context
         self.started = time.perf_counter()
+        self.inter_token_latencies_s = []
         for name, value in learned.items():
             if name not in _LEARNED_FIELDS:
                 raise TypeError(f"AuditScope has no field {name!r}")
@@ -157,17 +158,11 @@ class AuditScope:
             count -= 1
         else:
             gap = (now - self._last_token_at) / count
-            self._latencies().extend([gap] * count)
+            self.inter_token_latencies_s.extend([gap] * count)
             count = 0
         if count > 0:  # the first arrival carried more than one token
-            self._latencies().extend([0.0] * count)
+            self.inter_token_latencies_s.extend([0.0] * count)
         self._last_token_at = now
-
-    def _latencies(self) -> list[float]:
-        latencies = self.inter_token_latencies_s
-        if not isinstance(latencies, list):  # the shared empty default: this scope's own list from now on
-            latencies = self.inter_token_latencies_s = list(latencies)
-        return latencies
 
     def to_values(self, http_status: int, error_code: str | None, outcome: str) -> list[Any]:
         """The record as the audit writer takes it: values in ``INPUT_COLUMNS`` order, ids as text.
@@ -204,6 +199,10 @@ class AuditScope:
         record["id"] = self.id
         record["shadow_of"] = self.shadow_of
         return record
+
+
+# The fields a caller may pass to AuditScope as known already: the class's annotated, public ones.
+_LEARNED_FIELDS = frozenset(name for name in AuditScope.__annotations__ if not name.startswith("_"))
 
 
 def _record_metrics(audit: AuditScope, http_status: int) -> None:
@@ -308,9 +307,6 @@ class AuditRecorder:
             await self._writer.write(record, durable=self._durable)
         except AuditUnavailableError:
             logger.error("audit record %s for a failed request could not be written", record["id"])
-
-
-_LEARNED_FIELDS = frozenset(name for name in AuditScope.__annotations__ if not name.startswith("_"))
 
 
 class _RecordedScope:

@@ -35,23 +35,18 @@ class JSONAnswer(JSONResponse):
         # Starlette's Response.__init__ builds the raw header list through a
         # MutableHeaders pass and a Content-Type charset check; every hot answer
         # has the same two framing headers, so they are written directly.
-        extra = []
-        if headers:
-            for name, value in headers.items():
-                lowered = name.lower()
-                if lowered in _FRAMING:  # the caller frames the answer itself: Starlette's way
-                    super().__init__(content, status_code, headers, media_type, background)
-                    if raw_headers:
-                        self.raw_headers += raw_headers
-                    return
-                extra.append((lowered.encode("latin-1"), value.encode("latin-1")))
-        self.status_code = status_code
-        if media_type is not None:
-            self.media_type = media_type
-        self.background = background
-        self.body = body = orjson.dumps(content, option=_OPTIONS)
-        self.raw_headers = [(b"content-length", str(len(body)).encode()),
-                            (b"content-type", (media_type or "application/json").encode("latin-1")), *extra]
+        if headers and any(name.lower() in _FRAMING for name in headers):
+            super().__init__(content, status_code, headers, media_type, background)  # framed by the caller
+        else:
+            self.status_code = status_code
+            if media_type is not None:
+                self.media_type = media_type
+            self.background = background
+            self.body = body = orjson.dumps(content, option=_OPTIONS)
+            self.raw_headers = [(b"content-length", str(len(body)).encode()),
+                                (b"content-type", (media_type or "application/json").encode("latin-1")),
+                                *((name.lower().encode("latin-1"), value.encode("latin-1"))
+                                  for name, value in (headers or {}).items())]
         if raw_headers:
             self.raw_headers += raw_headers
 

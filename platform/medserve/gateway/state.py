@@ -544,38 +544,37 @@ async def get_gateway() -> GatewayState:
     return _replica_state
 
 
+# The provenance headers every answer carries, named once: the dict form and the hot routes' raw form.
+INFERENCE_ID_HEADER = "X-Medserve-Inference-Id"
+MODEL_HEADER = "X-Medserve-Model"
+MODEL_VERSION_HEADER = "X-Medserve-Model-Version"
+AUDIT_HEADER = "X-Medserve-Audit"
+_RAW_NAMES = tuple(name.lower().encode("latin-1")
+                   for name in (INFERENCE_ID_HEADER, MODEL_HEADER, MODEL_VERSION_HEADER, AUDIT_HEADER))
+
+
 def provenance_headers(inference_id: str, entry: CatalogEntry, landed: str | None = None) -> dict[str, str]:
     """Which exact model answered, the audit id to quote when reviewing it, and where its audit
     record is (``X-Medserve-Audit``: committed, or spooled while the database is unreachable)."""
     headers = {
-        "X-Medserve-Inference-Id": inference_id,
-        "X-Medserve-Model": entry.model_name,
-        "X-Medserve-Model-Version": entry.model_version,
+        INFERENCE_ID_HEADER: inference_id,
+        MODEL_HEADER: entry.model_name,
+        MODEL_VERSION_HEADER: entry.model_version,
     }
     if landed is not None:
-        headers["X-Medserve-Audit"] = landed
+        headers[AUDIT_HEADER] = landed
     return headers
-
-
-# (model, version) -> the answer's model headers, encoded once: every hot answer carries them. Bounded by
-# the catalog's size (a replica serves a few dozen entries), cleared if a reload ever grew it past that.
-_MODEL_HEADERS: dict[tuple[str, str], tuple[tuple[bytes, bytes], ...]] = {}
 
 
 def provenance_raw_headers(inference_id: str, entry: CatalogEntry, landed: str | None = None
                            ) -> list[tuple[bytes, bytes]]:
     """``provenance_headers`` as raw header pairs (lower-case names, latin-1 values, as Starlette writes
     them), for the hot routes' JSONAnswer: no header dict to lower-case and encode on every answer."""
-    key = (entry.model_name, entry.model_version)
-    model = _MODEL_HEADERS.get(key)
-    if model is None:
-        if len(_MODEL_HEADERS) >= 1024:
-            _MODEL_HEADERS.clear()
-        model = _MODEL_HEADERS[key] = ((b"x-medserve-model", entry.model_name.encode("latin-1")),
-                                       (b"x-medserve-model-version", entry.model_version.encode("latin-1")))
-    headers = [(b"x-medserve-inference-id", inference_id.encode("latin-1")), *model]
+    id_name, model_name, version_name, audit_name = _RAW_NAMES
+    headers = [(id_name, inference_id.encode("latin-1")), (model_name, entry.model_name.encode("latin-1")),
+               (version_name, entry.model_version.encode("latin-1"))]
     if landed is not None:
-        headers.append((b"x-medserve-audit", landed.encode("latin-1")))
+        headers.append((audit_name, landed.encode("latin-1")))
     return headers
 
 

@@ -25,7 +25,14 @@ from medserve.gateway.audit_scope import AuditScope
 from medserve.gateway.openapi import AUDITED, AUTHENTICATED, BODY, LLM_INPUT, MODEL_CALL, error_responses
 from medserve.gateway.responses import JSONAnswer
 from medserve.gateway.sse import DONE, EventStreamResponse, sse_event
-from medserve.gateway.state import GatewayState, get_gateway, json_body_schema, parse_json_body, provenance_headers
+from medserve.gateway.state import (
+    AUDIT_HEADER,
+    GatewayState,
+    get_gateway,
+    json_body_schema,
+    parse_json_body,
+    provenance_headers,
+)
 from medserve.protocols.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -84,7 +91,7 @@ def _engine_request(kind: Kind, generation: GenerationRequest, entry: CatalogEnt
 
 
 def _extensions(audit: AuditScope, entry: CatalogEntry) -> dict[str, Any]:
-    return {"inference_id": str(audit.id), "model_version": entry.model_version,
+    return {"inference_id": audit.id_text, "model_version": entry.model_version,
             "artifact_sha256": entry.artifact_sha256}
 
 
@@ -149,7 +156,7 @@ async def _exchange(
                     audit.completion_tokens = 0
                     started = True
                     # The record is written at the stream's end; while the writer spools, it will be spooled.
-                    yield provenance_headers(str(audit.id), entry, SPOOLED if gateway.writer.spooling else None)
+                    yield provenance_headers(audit.id_text, entry, SPOOLED if gateway.writer.spooling else None)
                     digests = _Digests(audit, keep_text=review and entry.review.store_output)
                     async for frame in _frames(events, kind, generation, entry, audit, digests):
                         yield frame
@@ -165,7 +172,7 @@ async def _exchange(
         return
     if not generation.stream:
         if audit.landed is not None:
-            response.headers["X-Medserve-Audit"] = audit.landed
+            response.headers[AUDIT_HEADER] = audit.landed
         yield response
         return
     yield DONE
@@ -228,7 +235,7 @@ async def _whole(
         body = CompletionResponse(
             choices=[{"index": 0, "text": result["content"], "finish_reason": result["finish_reason"]}], **common
         ).model_dump()
-    return JSONAnswer(body, headers=provenance_headers(str(audit.id), entry)), result["content"]
+    return JSONAnswer(body, headers=provenance_headers(audit.id_text, entry)), result["content"]
 
 
 async def _keep_pending(

@@ -53,7 +53,7 @@ async def _run_step(
     outcome = StepOutcome(name=step.name, model=step.model, inference_id="")
     try:
         async with gateway.recorder.scope("pipeline.step", step.model, headers) as audit:
-            outcome.inference_id = str(audit.id)
+            outcome.inference_id = audit.id_text
             audit.principal = principal
             audit.input_sha256 = input_sha256
             try:
@@ -116,14 +116,14 @@ async def run_pipeline(name: str, request: Request, gateway: GatewayState = Depe
             return _run_step(gateway, principal, request.headers, step, volume, roi, input_sha256)
 
         steps = await run_steps(pipeline, options, run_step)
-        report = build_report(pipeline, str(audit.id), volume.summary(), list(steps), utcnow())
+        report = build_report(pipeline, audit.id_text, volume.summary(), list(steps), utcnow())
         fhir = to_fhir(report, pipeline, list(steps))
         audit.output_sha256 = sha256_hex(json.dumps(report, sort_keys=True))
         # Kept so GET /v1/reports/{id} can give it again, its status following the steps' reviews.
         stored = result_row(audit.id, "pipeline.run", entry, principal, review_required=False,
                             content_sha256=audit.output_sha256, document={"report": report, "fhir": fhir})
         await keep_result(gateway.database_url, stored, required=False, timeout_s=gateway.settings.audit_db_timeout_s)
-    headers = provenance_headers(str(audit.id), entry, audit.landed)
+    headers = provenance_headers(audit.id_text, entry, audit.landed)
     if FHIR_JSON in request.headers.get("accept", ""):
         return JSONAnswer(fhir, media_type=FHIR_JSON, headers=headers)
     return JSONAnswer(report, headers=headers)
