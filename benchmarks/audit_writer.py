@@ -43,6 +43,7 @@ from medserve.bench.cpu import tree_cpu_s  # noqa: E402
 from medserve.bench.profile import top_self_frames  # noqa: E402
 from medserve.db.engine import session_scope, upgrade  # noqa: E402
 from medserve.db.models import AuditRecord, utcnow  # noqa: E402
+from medserve.gateway.audit_scope import new_record_id  # noqa: E402
 
 KEY = b"benchmark-signing-key"
 TARGET = 10_000  # records/s, strict, each database (issue 14)
@@ -51,7 +52,7 @@ TARGET = 10_000  # records/s, strict, each database (issue 14)
 def _record(i: int) -> dict:
     digest = hashlib.sha256(str(i).encode()).hexdigest()
     return {
-        "id": uuid.uuid4(), "created_at": utcnow(), "api_key_id": "k3yid0000001", "caller_name": "ward app",
+        "id": new_record_id(), "created_at": utcnow(), "api_key_id": "k3yid0000001", "caller_name": "ward app",
         "caller_role": "clinical-app", "department": "icu", "model_name": "smollm2-135m-instruct",
         "model_version": "1.0.0", "artifact_sha256": digest, "operation": "chat.completions", "outcome": "ok",
         "http_status": 200, "error_code": None, "latency_ms": 12.5, "input_sha256": digest, "output_sha256": digest,

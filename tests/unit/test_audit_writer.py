@@ -4,6 +4,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -258,18 +259,23 @@ def test_a_scopes_values_are_its_columns_by_name_and_land_as_its_row(audit_db_ur
     assert verify(audit_db_url, KEY).ok
 
 
-def test_record_ids_are_random_version_4_uuids_in_canonical_text():
+def test_record_ids_are_time_ordered_version_7_uuids_in_canonical_text():
     from medserve.gateway.audit_scope import AuditScope, new_record_id
 
+    before_ms = time.time_ns() // 1_000_000
     texts = [AuditScope("imaging.analyze", None).id_text for _ in range(2000)]
+    after_ms = time.time_ns() // 1_000_000
     assert len(set(texts)) == len(texts)
     for text in texts:
         parsed = uuid.UUID(text)
-        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
-    # Written from the random bytes' hex: every free position takes every digit over 2,000 ids
-    # (a fixed or biased digit would not), and the variant digit only its four allowed ones.
-    fixed = {8: "-", 13: "-", 14: "4", 18: "-", 23: "-"}
-    for position in range(36):
+        assert str(parsed) == text and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        # The first 48 bits are the Unix time in milliseconds (RFC 9562): ids sort as they were made.
+        assert before_ms <= parsed.int >> 80 <= after_ms
+    assert [text[:13] for text in texts] == sorted(text[:13] for text in texts)
+    # The rest is written from the random bytes' hex: every random position takes every digit over
+    # 2,000 ids (a fixed or biased digit would not), and the variant digit only its four allowed ones.
+    fixed = {8: "-", 13: "-", 14: "7", 18: "-", 23: "-"}
+    for position in range(15, 36):
         seen = {text[position] for text in texts}
         if position in fixed:
             assert seen == {fixed[position]}
@@ -280,6 +286,6 @@ def test_record_ids_are_random_version_4_uuids_in_canonical_text():
     given = uuid.uuid4()
     console_event = AuditScope("console.view", None, id=given)
     assert console_event.id == given and console_event.id_text == str(given)
-    assert new_record_id().version == 4
+    assert new_record_id().version == 7
     with pytest.raises(TypeError):
         AuditScope("imaging.analyze", None, output_sha="misspelt")
