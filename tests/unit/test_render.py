@@ -137,11 +137,14 @@ def test_gateway_settings_are_the_marked_non_secret_fields():
 
 
 def test_the_gateway_drops_serves_access_log_unless_the_operator_wants_it(repo_root):
-    """Every gateway request has its audit record; Serve's access line for it is opt-in (gateway_serve_access_log)."""
+    """Every gateway request has its audit record; Serve's access line for it is opt-in (gateway_serve_access_log).
+    Off, Serve's logger in the gateway replica keeps warnings and errors only, so the line is not even built."""
     from medserve.settings import Settings
 
     _, config = _config(repo_root)
-    assert _app(config, GATEWAY_APP)["deployments"][0]["logging_config"] == {"enable_access_log": False}
+    dropped = _app(config, GATEWAY_APP)["deployments"][0]["logging_config"]
+    assert dropped == {"enable_access_log": False, "log_level": "WARNING"}
+    ServeDeploySchema.model_validate(config)
     options = RenderOptions.from_settings(Settings(gateway_serve_access_log=True))
     wanted = render_serve_config(load_catalog(repo_root / "deployments"), options)
     assert _app(wanted, GATEWAY_APP)["deployments"][0]["logging_config"] == {"enable_access_log": True}

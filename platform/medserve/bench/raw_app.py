@@ -14,6 +14,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from medserve.controlplane.render import serve_logging_config
+
 RAW_APP = "bench-raw"
 RAW_ROUTE = "/raw"
 RAW_DEPLOYMENT = "RawNoop"
@@ -32,7 +34,8 @@ def raw_application(
     """The Serve config entry of the baseline, with the same concurrency limit as the gateway's.
 
     ``access_log``: Ray Serve's access-log line per request, on as Serve ships it. The gateway turns
-    its own off (its audit trail records each request); off here, the baseline drops it too.
+    its own off (its audit trail records each request); off here, the baseline drops it too, in the
+    same way (``serve_logging_config``: the log off and Serve's logger at WARNING).
     """
     return {
         "name": RAW_APP,
@@ -44,7 +47,7 @@ def raw_application(
                 "num_replicas": replicas,
                 "max_ongoing_requests": max_ongoing_requests,
                 "ray_actor_options": {"num_cpus": num_cpus},
-                "logging_config": {"enable_access_log": access_log},
+                "logging_config": serve_logging_config(access_log=access_log),
             }
         ],
     }
