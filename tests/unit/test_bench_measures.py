@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 
-from medserve.bench.cpu import tree_cpu_s
+from medserve.bench.cpu import thread_times, tree_cpu_s
 from medserve.bench.profile import top_self_frames
 
 
@@ -26,6 +28,39 @@ def test_tree_cpu_counts_a_child_process_burning_cpu():
     finally:
         child.communicate(b"")
     assert tree_cpu_s([child.pid]) == 0.0  # gone: nothing to read, no error
+
+
+def test_thread_times_tell_a_busy_thread_from_a_blocked_one():
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    busy = threading.Thread(target=spin, name="ms-busy")
+    blocked = threading.Thread(target=stop.wait, name="ms-blocked")
+    busy.start()
+    blocked.start()
+    try:
+        before = thread_times(os.getpid())
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.5:
+            stop.wait(0.05)  # this thread blocks too: the spinner gets the GIL
+        after = thread_times(os.getpid())
+        wall = time.perf_counter() - started
+    finally:
+        stop.set()
+        busy.join()
+        blocked.join()
+    busy_tid, blocked_tid = busy.native_id, blocked.native_id
+    busy_after, blocked_after = after[busy_tid], after[blocked_tid]
+    assert busy_after.name and blocked_after.name  # the kernel's thread names (comm)
+    # On a CPU or queued for one most of the window, against almost never.
+    busy_share = (busy_after.running_s + busy_after.runnable_s
+                  - before[busy_tid].running_s - before[busy_tid].runnable_s) / wall
+    assert busy_share > 0.6
+    assert blocked_after.running_s - before[blocked_tid].running_s < 0.05
+    assert thread_times(2**22 + 12345) == {}  # no such process: nothing, no error
 
 
 def test_top_self_frames_groups_leaves_by_function_without_line_numbers():

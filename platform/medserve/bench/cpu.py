@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -70,3 +71,35 @@ def machine_busy_s() -> float:
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     values = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
     return (sum(values) - values[3] - values[4]) / _TICKS_PER_S
+
+
+@dataclass(frozen=True)
+class ThreadTimes:
+    """One thread's time so far: on a CPU, and waiting for one while runnable (Linux schedstat, ns)."""
+
+    name: str
+    running_s: float
+    runnable_s: float
+
+
+def thread_times(pid: int) -> dict[int, ThreadTimes]:
+    """Every thread of a process: its name and scheduler times, from /proc/<pid>/task (empty if gone).
+
+    Over a window, a thread's running, runnable-waiting and remaining (idle:
+    blocked on I/O, a lock or the GIL) shares say whether an event loop was
+    the bottleneck or was waiting for something else.
+    """
+    found: dict[int, ThreadTimes] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            running_ns, runnable_ns, _ = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+        except (OSError, ValueError):  # gone since it was listed
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        found[int(tid)] = ThreadTimes(name, int(running_ns) / 1e9, int(runnable_ns) / 1e9)
+    return found
