@@ -61,8 +61,9 @@ class Settings(BaseSettings):
         default=False,
         description="Ray Serve's own access-log line for each gateway request (the replica's log file). Off by "
         "default: every inference already has its audit record (who, which model version, outcome, latency), and "
-        "the line costs the gateway's one Python thread about 18 µs per request (docs/speed.md). Serve's other "
-        "log lines for the gateway stay on.",
+        "the line costs the gateway's one Python thread about 18 µs per request (docs/speed.md). Off, Serve's logger "
+        "in the gateway replica keeps warnings and errors only: Serve's 'off' merely filters the line after building "
+        "it, and its other INFO lines there are the replica's own start and stop, which Serve's controller logs too.",
     )
     ray_dashboard_port: int = Field(
         default=8265, ge=1, le=65535, description="Dashboard (Serve REST API) port of a Ray that `up` starts."
