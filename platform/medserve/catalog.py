@@ -38,6 +38,12 @@ class CatalogEntry(BaseModel):
         description="Requests the model can work on at once (max_ongoing_requests x max_replicas); "
         "beyond it requests wait at the gateway's priority gate. None: no gate.",
     )
+    autoscaled: bool = Field(
+        default=False,
+        description="Whether Ray Serve scales the model's replicas (min_replicas below max_replicas). Its calls "
+        "then leave one per request, not batched: the autoscaler counts calls, and a batch of many requests "
+        "counts as one.",
+    )
     max_queued: int | None = Field(
         default=None,
         ge=0,

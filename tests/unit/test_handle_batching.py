@@ -92,3 +92,31 @@ def test_model_server_answers_a_batch_call_by_call():
     assert [answer["error"]["code"] for answer in refused] == ["operation_not_supported"] * 2
     # Only light, stateless methods travel in batches.
     assert asyncio.run(server.call_many("generate", [({},)]))[0]["error"]["code"] == "operation_not_supported"
+
+
+def test_a_model_ray_serve_scales_gets_one_call_per_request_so_its_autoscaler_sees_the_load():
+    """Ray Serve's autoscaler counts ongoing calls: merged into one, twelve waiting callers looked like one
+    (a model under load that never scaled up). A fixed-size model keeps batching."""
+    from types import SimpleNamespace
+
+    from medserve.bench.runner import noop_spec
+    from medserve.controlplane.render import catalog_entry
+    from medserve.gateway.state import GatewayState
+
+    fixed = catalog_entry(noop_spec("fixed-noop", "replicas"))
+    scaled = catalog_entry(noop_spec("scaled-noop", "replicas",
+                                     autoscaling={"min_replicas": 1, "max_replicas": 3}))
+    assert not fixed.autoscaled and scaled.autoscaled
+    replicas = {fixed.app_name: FakeReplica(), scaled.app_name: FakeReplica()}
+    state = object.__new__(GatewayState)  # only what _call touches: no database, no Ray
+    state._handles, state._batchers, state.local_engines = dict(replicas), {}, {}
+    state.settings = SimpleNamespace(request_timeout_s=5.0)
+
+    async def five_each() -> list[Any]:
+        return await asyncio.gather(*(state._call(entry, "classify", f"img{i}".encode(), "image/png")
+                                      for entry in (fixed, scaled) for i in range(5)))
+
+    answers = asyncio.run(five_each())
+    assert answers == [{"echo": f"img{i}".encode()} for _ in range(2) for i in range(5)]
+    assert [name for name, _ in replicas[fixed.app_name].calls] == ["call_many"]
+    assert [name for name, _ in replicas[scaled.app_name].calls] == ["classify"] * 5

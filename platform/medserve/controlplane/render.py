@@ -116,6 +116,7 @@ def catalog_entry(spec: DeploymentSpec) -> CatalogEntry:
         # In the gateway, the limits hold in each gateway replica; in replicas of
         # its own, across all of them (the gateway divides by its replica count).
         max_in_flight=spec.autoscaling.max_ongoing_requests * spec.autoscaling.max_replicas,
+        autoscaled=spec.autoscaling.min_replicas < spec.autoscaling.max_replicas,
         max_queued=None if spec.autoscaling.max_queued_requests < 0 else spec.autoscaling.max_queued_requests,
         placement=spec.placement,
         engine_spec=spec.model_dump(mode="json") if spec.placement == "gateway" else None,

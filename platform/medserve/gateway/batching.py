@@ -15,6 +15,10 @@ awaits its own future); an error payload answers only its own request; a
 batch that fails as a whole (its replica died, Serve's queue is full) fails
 each of its callers with that error. The priority gate still admits each
 request on its own before it gets here, so a model's capacity limits hold.
+
+Only models of a fixed size are batched (``CatalogEntry.autoscaled``): Ray
+Serve's autoscaler counts a replica's ongoing calls, so a batch of many
+requests would count as one and hide the load it should scale on.
 """
 
 from __future__ import annotations
