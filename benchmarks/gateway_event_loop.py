@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
-from medserve.bench.cpu import _children_by_parent, thread_times  # noqa: E402
+from medserve.bench.cpu import ThreadTimes, _children_by_parent, thread_times  # noqa: E402
 from medserve.bench.loadgen import Request, measure  # noqa: E402
 from medserve.bench.private import start_private_platform  # noqa: E402
 from medserve.bench.raw_app import raw_application  # noqa: E402
@@ -40,31 +39,30 @@ from medserve.bench.runner import (  # noqa: E402
 )
 
 
-def _snapshot(pid: int) -> dict[str, dict[int, float]]:
-    """Running seconds per thread of the replica, and per thread of its child processes."""
-    replica = {tid: times.running_s for tid, times in thread_times(pid).items()}
+def _snapshot(pid: int) -> tuple[dict[int, ThreadTimes], dict[int, float]]:
+    """The replica's threads, and running seconds per thread of its child processes (one /proc read each)."""
     children = {tid: times.running_s
                 for child in _children_by_parent().get(pid, [])
                 for tid, times in thread_times(child).items()}
-    return {"replica": replica, "children": children}
+    return thread_times(pid), children
 
 
 def _measure_side(label: str, url: list[str], request: Request, pid: int, concurrency: int,
                   duration_s: float) -> dict[str, float]:
-    before, times_before = _snapshot(pid), thread_times(pid)
+    before, children_before = _snapshot(pid)
     started = time.perf_counter()
     result = measure(url, request, concurrency=concurrency, duration_s=duration_s, warmup_s=1.0)
     wall = time.perf_counter() - started
-    after, times_after = _snapshot(pid), thread_times(pid)
+    after, children_after = _snapshot(pid)
     # The whole window (warm-up included) against the measured rate: the load is steady throughout.
     rate = result.requests / duration_s
-    ran = {tid: after["replica"][tid] - before["replica"].get(tid, 0.0) for tid in after["replica"]}
+    zero = ThreadTimes("", 0.0, 0.0)
+    ran = {tid: times.running_s - before.get(tid, zero).running_s for tid, times in after.items()}
     loop_tid = max(ran, key=ran.__getitem__)
-    loop_before, loop_after = times_before.get(loop_tid), times_after[loop_tid]
-    running = (loop_after.running_s - (loop_before.running_s if loop_before else 0.0)) / wall
-    runnable = (loop_after.runnable_s - (loop_before.runnable_s if loop_before else 0.0)) / wall
+    running = ran[loop_tid] / wall
+    runnable = (after[loop_tid].runnable_s - before.get(loop_tid, zero).runnable_s) / wall
     others = sum(value for tid, value in ran.items() if tid != loop_tid)
-    children = sum(value - before["children"].get(tid, 0.0) for tid, value in after["children"].items())
+    children = sum(value - children_before.get(tid, 0.0) for tid, value in children_after.items())
     per_request = 1e6 / wall / rate if rate else float("nan")
     p50 = sorted(result.latencies_s)[len(result.latencies_s) // 2] * 1e3 if result.latencies_s else float("nan")
     row = {
@@ -118,5 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
