@@ -14,12 +14,13 @@ from medserve.controlplane.cluster import (
     join_command,
     join_token,
     list_nodes,
+    node_environment,
     parse_join,
     parse_resources,
     replica_placements,
     shell_command,
 )
-from medserve.controlplane.local_ray import RAY_CLUSTER_SWITCH, is_loopback, ray_environment
+from medserve.controlplane.local_ray import RAY_CLUSTER_SWITCH, RAY_WORKER_NICENESS, is_loopback, ray_environment
 from medserve.errors import ConfigurationError
 from medserve.settings import Settings
 
@@ -217,6 +218,15 @@ def test_a_one_machine_head_holds_ray_to_loopback_and_a_cluster_head_does_not(tm
     assert local[RAY_CLUSTER_SWITCH] == "0" and local["RAY_AUTH_MODE"] == "token"
     head = ray_environment(Settings(home=tmp_path, ray_node_address="10.0.0.5"))
     assert RAY_CLUSTER_SWITCH not in head, "nodes join a head only with Ray's cluster mode on"
+
+
+def test_replicas_run_at_normal_priority_unless_the_operator_chose_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv(RAY_WORKER_NICENESS, raising=False)
+    assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "0"
+    assert node_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "0"
+    monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
+    assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "5"
+    assert node_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "5"
 
 
 @pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])

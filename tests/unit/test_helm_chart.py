@@ -242,6 +242,12 @@ def test_ray_pods_send_no_usage_statistics(docs):
         assert env["RAY_USAGE_STATS_ENABLED"] == "0", where
 
 
+def test_ray_pods_run_replicas_at_the_priority_of_rays_daemons(docs):
+    for where, pod in pod_specs(docs):
+        env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
+        assert env["RAY_worker_niceness"] == "0", where
+
+
 # --- labels, RBAC, secrets, hooks ---------------------------------------------------------
 
 

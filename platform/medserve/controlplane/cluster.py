@@ -31,7 +31,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import medserve
-from medserve.controlplane.local_ray import _ray_executable
+from medserve.controlplane.local_ray import _ray_executable, run_replicas_at_normal_priority
 from medserve.errors import ClusterError, ConfigurationError
 from medserve.settings import Settings
 
@@ -206,6 +206,7 @@ def node_environment(settings: Settings, token: str) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = token
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    run_replicas_at_normal_priority(env)
     env["MEDSERVE_HOME"] = str(settings.resolved_home)
     # Replicas import the same medserve source as this process (matters for
     # checkouts beside an installed copy), as on the head.

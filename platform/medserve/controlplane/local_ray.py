@@ -92,6 +92,18 @@ def named_network_listener(ip: str, command_line: str) -> bool:
     return not is_loopback(ip) and any(listener.matches(ip, command_line) for listener in NETWORK_LISTENERS)
 
 
+RAY_WORKER_NICENESS = "RAY_worker_niceness"
+
+
+def run_replicas_at_normal_priority(env: dict[str, str]) -> None:
+    """Ray starts its workers, so every Serve replica, at niceness 15 (its ``worker_niceness``) and keeps
+    its own daemons at 0: on a busy node the raylet, GCS, dashboard and Serve controller then preempt
+    the model engines. In a medserve cluster the replicas are the work, and a CPU engine that wants every
+    core (llama.cpp) lost 4-9% of its tokens per second to them (docs/llm-serving.md). An operator's own
+    value is kept."""
+    env.setdefault(RAY_WORKER_NICENESS, "0")
+
+
 def ray_environment(settings: Settings) -> dict[str, str]:
     """Environment for a Ray that medserve starts: token auth on, medserve settings absolute,
     every Ray port on loopback unless MEDSERVE_RAY_NODE_ADDRESS names a network address."""
@@ -103,6 +115,7 @@ def ray_environment(settings: Settings) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = ray_auth_token(settings)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    run_replicas_at_normal_priority(env)
     if settings.serve_throughput_optimized:
         # Read by Serve's controller and replicas when they start: direct
         # ingress, gRPC between deployments (measured in `medserve bench`).
