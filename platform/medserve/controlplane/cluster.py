@@ -31,7 +31,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import medserve
-from medserve.controlplane.local_ray import _ray_executable, run_replicas_at_normal_priority
+from medserve.controlplane.local_ray import RAY_WORKER_NICENESS, _ray_executable, run_replicas_at_normal_priority
 from medserve.errors import ClusterError, ConfigurationError
 from medserve.settings import Settings
 
@@ -167,7 +167,9 @@ def shell_command(join: NodeJoin, token_file: Path | None = None) -> str:
         token = f'"$(cat {shlex.quote(str(token_file))})"'
     else:
         token = '"${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to the head token (MEDSERVE_HOME/ray-auth.token on the head)}"'
-    return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {shlex.join(join_command(join))}"
+    # The node's replicas at Ray's daemons' priority, as `cluster join` starts them (node_environment).
+    return (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {RAY_WORKER_NICENESS}=0 "
+            f"{shlex.join(join_command(join))}")
 
 
 def join_token(settings: Settings, token_file: Path | None = None) -> str:
