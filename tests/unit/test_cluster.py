@@ -95,7 +95,7 @@ def test_printed_command_reads_the_token_and_runs_as_printed():
     line = shell_command(join)
     words = shlex.split(line)
     assert words[0] == "RAY_AUTH_MODE=token" and words[1].startswith("RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:?")
-    assert words[2] == "RAY_worker_niceness=0"
+    assert words[2] == "RAY_worker_niceness=${RAY_worker_niceness:-0}"
     assert words[3:] == join_command(join)
     from_file = shell_command(join, Path("/etc/medserve/ray-auth.token"))
     assert 'RAY_AUTH_TOKEN="$(cat /etc/medserve/ray-auth.token)"' in from_file

@@ -167,9 +167,10 @@ def shell_command(join: NodeJoin, token_file: Path | None = None) -> str:
         token = f'"$(cat {shlex.quote(str(token_file))})"'
     else:
         token = '"${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to the head token (MEDSERVE_HOME/ray-auth.token on the head)}"'
-    # The node's replicas at Ray's daemons' priority, as `cluster join` starts them (node_environment).
-    return (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {RAY_WORKER_NICENESS}=0 "
-            f"{shlex.join(join_command(join))}")
+    # The node's replicas at Ray's daemons' priority unless the administrator set one, as `cluster join`
+    # starts them (node_environment).
+    niceness = f'{RAY_WORKER_NICENESS}="${{{RAY_WORKER_NICENESS}:-0}}"'
+    return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {niceness} {shlex.join(join_command(join))}"
 
 
 def join_token(settings: Settings, token_file: Path | None = None) -> str:
