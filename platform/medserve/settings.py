@@ -83,10 +83,10 @@ class Settings(BaseSettings):
     )
     serve_throughput_optimized: bool = Field(
         default=True,
-        description="Start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's fastest mode): each "
-        "gateway replica also listens on a port of its own (direct ingress, 30000-31000) that clients or a load "
-        "balancer reach without the proxy hop, and deployments talk over gRPC. The proxy port keeps working. "
-        "false: Ray Serve's default proxy only.",
+        description="Start the local Ray, and the nodes `cluster join` starts, with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+        "(Ray Serve's fastest mode): each gateway replica also listens on a port of its own (direct ingress, "
+        "30000-31000) that clients or a load balancer reach without the proxy hop, and deployments talk over "
+        "gRPC. The proxy port keeps working. false: Ray Serve's default proxy only. Every node needs the head's value.",
     )
     ray_num_cpus: int | None = Field(
         default=None,

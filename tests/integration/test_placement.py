@@ -59,6 +59,13 @@ def head(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[
         yield platform
 
 
+def _environ(pid: int | None) -> dict[str, str]:
+    """A process's environment as it started (both nodes run on this machine here)."""
+    assert pid is not None
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
 def _pool_spec(platform: Platform) -> DeploymentSpec:
     """The built-in liver analyzer (no weights, loads at once), renamed and pinned to the radiology pool."""
     base = next(s for s in platform.catalog() if s.name == "ct-liver-attenuation-hu")
@@ -108,6 +115,12 @@ def test_replica_needing_a_pool_resource_runs_on_the_node_that_announces_it(head
         # Every other replica (the gateway, the liver analyzer) runs on the head: none needs the pool.
         others = [p for p in replica_placements(dashboard, token) if p.app != app]
         assert others and all(p.node_id != joined.node_id for p in others)
+        # Ray Serve reads its mode from each replica's own environment: a replica on the joined node runs
+        # in the head's (direct ingress, gRPC between deployments) and at the head's priority.
+        on_head, on_node = _environ(others[0].pid), _environ(placements[0].pid)
+        for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_worker_niceness"):
+            assert on_node.get(name) == on_head.get(name), name
+        assert on_node.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
 
         patient = new_patient_id()
         with platform.client(platform.key()) as client:

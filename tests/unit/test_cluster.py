@@ -96,7 +96,10 @@ def test_printed_command_reads_the_token_and_runs_as_printed():
     words = shlex.split(line)
     assert words[0] == "RAY_AUTH_MODE=token" and words[1].startswith("RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:?")
     assert words[2] == "RAY_worker_niceness=${RAY_worker_niceness:-0}"
-    assert words[3:] == join_command(join)
+    assert words[3] == "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
+    assert words[4:] == join_command(join)
+    # A head in Serve's default mode (MEDSERVE_SERVE_THROUGHPUT_OPTIMIZED=false): its nodes leave it unset too.
+    assert shlex.split(shell_command(join, throughput_optimized=False))[3:] == join_command(join)
     from_file = shell_command(join, Path("/etc/medserve/ray-auth.token"))
     assert 'RAY_AUTH_TOKEN="$(cat /etc/medserve/ray-auth.token)"' in from_file
 
@@ -113,6 +116,17 @@ def test_print_only_never_prints_the_token(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         assert TOKEN not in result.output
         assert "ray start --address=10.0.0.5:6379 '--resources={\"radiology_gpu\": 1}' --num-cpus=4" in result.output
+
+
+def test_print_only_prints_the_serve_mode_of_this_machines_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSERVE_HOME", str(tmp_path))
+    arguments = ["cluster", "join", "--address", "10.0.0.5:6379", "--print-only"]
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start" in CliRunner().invoke(cli, arguments).output
+    monkeypatch.setenv("MEDSERVE_SERVE_THROUGHPUT_OPTIMIZED", "false")
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in result.output
+    assert "ray start --address=10.0.0.5:6379" in result.output
 
 
 def test_cli_refuses_bad_resources_with_the_stable_code(monkeypatch, tmp_path):
@@ -228,6 +242,20 @@ def test_replicas_run_at_normal_priority_unless_the_operator_chose_otherwise(tmp
     monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
     assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "5"
     assert node_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "5"
+
+
+@pytest.mark.parametrize("throughput_optimized", [True, False])
+def test_a_joined_node_runs_serve_in_the_heads_mode(tmp_path, monkeypatch, throughput_optimized):
+    # Ray Serve reads its mode from each replica's environment: a node without it would run the gateway
+    # without direct ingress beside a head with it (tests/integration/test_placement.py checks the replica).
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    settings = Settings(home=tmp_path, serve_throughput_optimized=throughput_optimized)
+    head, node = ray_environment(settings), node_environment(settings, "token")
+    expected = "1" if throughput_optimized else None
+    assert head.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == node.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == expected
+    for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "MEDSERVE_HOME", "PYTHONPATH"):
+        assert head[name] == node[name], name
+    assert node["RAY_AUTH_TOKEN"] == "token" and "MEDSERVE_DATABASE_URL" in head
 
 
 @pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])

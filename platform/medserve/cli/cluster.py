@@ -41,10 +41,10 @@ def cluster_join(address: str, resources_json: str, num_cpus: int | None, num_gp
 
     join = parse_join(address=address, resources=parse_resources(resources_json), num_cpus=num_cpus,
                       num_gpus=num_gpus, node_ip_address=node_ip_address)
-    if print_only:
-        click.echo(shell_command(join, token_file))
-        return
     settings = load_settings()
+    if print_only:
+        click.echo(shell_command(join, token_file, throughput_optimized=settings.serve_throughput_optimized))
+        return
     token = join_token(settings, token_file)
     if not os.environ.get("MEDSERVE_DATABASE_URL"):
         click.echo("warning: MEDSERVE_DATABASE_URL is not set: replicas placed here that write audit records would "

@@ -30,8 +30,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-import medserve
-from medserve.controlplane.local_ray import RAY_WORKER_NICENESS, _ray_executable, run_replicas_at_normal_priority
+from medserve.controlplane.local_ray import RAY_WORKER_NICENESS, _ray_executable, node_process_environment
 from medserve.errors import ClusterError, ConfigurationError
 from medserve.settings import Settings
 
@@ -156,12 +155,13 @@ def join_command(join: NodeJoin, ray_executable: str = "ray") -> list[str]:
     return command
 
 
-def shell_command(join: NodeJoin, token_file: Path | None = None) -> str:
+def shell_command(join: NodeJoin, token_file: Path | None = None, *, throughput_optimized: bool = True) -> str:
     """The command an administrator runs on the node, for `cluster join --print-only`.
 
     The token is never printed: it is read from RAY_AUTH_TOKEN (or the token
     file) when the command runs, so it stays out of shell history, terminal
-    scrollback and `ps` output.
+    scrollback and `ps` output. ``throughput_optimized`` is the head's Serve
+    mode (MEDSERVE_SERVE_THROUGHPUT_OPTIMIZED), which the node's replicas must share.
     """
     if token_file is not None:
         token = f'"$(cat {shlex.quote(str(token_file))})"'
@@ -170,7 +170,8 @@ def shell_command(join: NodeJoin, token_file: Path | None = None) -> str:
     # The node's replicas at Ray's daemons' priority unless the administrator set one, as `cluster join`
     # starts them (node_environment).
     niceness = f'{RAY_WORKER_NICENESS}="${{{RAY_WORKER_NICENESS}:-0}}"'
-    return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {niceness} {shlex.join(join_command(join))}"
+    serve_mode = "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 " if throughput_optimized else ""
+    return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {niceness} {serve_mode}{shlex.join(join_command(join))}"
 
 
 def join_token(settings: Settings, token_file: Path | None = None) -> str:
@@ -199,23 +200,13 @@ def join_token(settings: Settings, token_file: Path | None = None) -> str:
 
 
 def node_environment(settings: Settings, token: str) -> dict[str, str]:
-    """Environment of the node's Ray processes, which its replicas inherit.
+    """Environment of a joined node's Ray processes, which its replicas inherit: the head's
+    (``node_process_environment``) without a database URL of its own.
 
-    Replicas read medserve settings from it, so MEDSERVE_DATABASE_URL and the
-    keys must be the head's (see the README); only paths are made absolute
-    here, since a replica's working directory is not this one.
+    Replicas read medserve settings from it, so MEDSERVE_DATABASE_URL, the keys and
+    MEDSERVE_SERVE_THROUGHPUT_OPTIMIZED must be the head's (see docs/on-prem.md).
     """
-    env = dict(os.environ)
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN"] = token
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    run_replicas_at_normal_priority(env)
-    env["MEDSERVE_HOME"] = str(settings.resolved_home)
-    # Replicas import the same medserve source as this process (matters for
-    # checkouts beside an installed copy), as on the head.
-    source_root = str(Path(medserve.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
-    return env
+    return node_process_environment(settings, token)
 
 
 @dataclass
@@ -311,6 +302,7 @@ class ReplicaPlacement:
     deployment: str
     node_id: str
     state: str
+    pid: int | None = None  # the replica's worker process on its node, when Ray reports it
 
 
 def _state_api(dashboard_url: str, token: str | None, path: str) -> list[dict[str, Any]]:
@@ -353,7 +345,7 @@ def replica_placements(dashboard_url: str, token: str | None) -> list[ReplicaPla
         parts = name.removeprefix("SERVE_REPLICA::").split("#")
         if len(parts) != 3:
             continue
-        placements.append(ReplicaPlacement(parts[0], parts[1], row.get("node_id") or "", row["state"]))
+        placements.append(ReplicaPlacement(parts[0], parts[1], row.get("node_id") or "", row["state"], row.get("pid")))
     return placements
 
 

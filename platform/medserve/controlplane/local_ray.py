@@ -104,30 +104,43 @@ def run_replicas_at_normal_priority(env: dict[str, str]) -> None:
     env.setdefault(RAY_WORKER_NICENESS, "0")
 
 
-def ray_environment(settings: Settings) -> dict[str, str]:
-    """Environment for a Ray that medserve starts: token auth on, medserve settings absolute,
-    every Ray port on loopback unless MEDSERVE_RAY_NODE_ADDRESS names a network address."""
+def node_process_environment(settings: Settings, token: str) -> dict[str, str]:
+    """What every Ray node medserve starts or joins needs in its environment, which its Serve
+    replicas inherit: token auth, no usage reports, replicas at the daemons' priority, the Serve
+    mode, and medserve's paths made absolute.
+
+    Ray Serve reads its mode (RAY_SERVE_THROUGHPUT_OPTIMIZED) from each process's own environment
+    when it starts, so a node that lacked it would run its replicas in Serve's default mode beside
+    a head in the throughput-optimized one: a gateway replica there would open no direct-ingress
+    port, and its model replicas would run their code in a separate thread.
+    """
     env = dict(os.environ)
-    if is_loopback(settings.ray_node_address):
-        env[RAY_CLUSTER_SWITCH] = "0"
-    else:
-        env.pop(RAY_CLUSTER_SWITCH, None)
     env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN"] = ray_auth_token(settings)
+    env["RAY_AUTH_TOKEN"] = token
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     run_replicas_at_normal_priority(env)
     if settings.serve_throughput_optimized:
-        # Read by Serve's controller and replicas when they start: direct
-        # ingress, gRPC between deployments (measured in `medserve bench`).
+        # Direct ingress, gRPC between deployments (measured in `medserve bench`).
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     # Replicas resolve settings from their environment; make paths absolute so
-    # they find the same database and keys whatever their working directory.
+    # they find the same home whatever their working directory.
     env["MEDSERVE_HOME"] = str(settings.resolved_home)
-    env["MEDSERVE_DATABASE_URL"] = settings.resolved_database_url
     # Replicas import the same medserve source as the process that starts
     # them (matters for checkouts beside an installed copy).
     source_root = str(Path(medserve.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def ray_environment(settings: Settings) -> dict[str, str]:
+    """Environment for a Ray head that medserve starts: ``node_process_environment``, the database
+    URL made absolute, every Ray port on loopback unless MEDSERVE_RAY_NODE_ADDRESS names a network address."""
+    env = node_process_environment(settings, ray_auth_token(settings))
+    if is_loopback(settings.ray_node_address):
+        env[RAY_CLUSTER_SWITCH] = "0"
+    else:
+        env.pop(RAY_CLUSTER_SWITCH, None)
+    env["MEDSERVE_DATABASE_URL"] = settings.resolved_database_url
     return env
 
 
