@@ -293,10 +293,33 @@ def test_migration_hook_runs_db_upgrade_after_its_secret(default_docs):
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
-def test_generated_secret_has_a_pseudonym_key(default_docs):
+def test_generated_secret_has_a_pseudonym_key_and_an_audit_signing_key(default_docs):
     data = one(default_docs, "Secret")["stringData"]
     assert re.fullmatch(r"[A-Za-z0-9]{64}", data["pseudonym-key"])
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", data["audit-signing-key"])
+    assert data["audit-signing-key"] != data["pseudonym-key"]
     assert data["database-url"].startswith("postgresql+psycopg://")
+
+
+def test_every_ray_pod_signs_the_audit_chain_with_the_one_key_from_the_secret(docs):
+    # A key per pod (generated into each pod's own MEDSERVE_HOME) made chains written in one pod fail
+    # `audit verify` in another, and unverifiable once their pod was gone.
+    for where, pod in pod_specs(docs):
+        env = {item["name"]: item for item in pod["containers"][0]["env"]}
+        key = env.get("MEDSERVE_AUDIT_SIGNING_KEY")
+        if "RayService" not in where:
+            assert key is None, f"{where} writes no audit records and needs no signing key"
+            continue
+        assert key is not None, where
+        reference = key["valueFrom"]["secretKeyRef"]
+        assert reference["key"] == "audit-signing-key" and reference.get("optional") is not True, where
+        assert reference["name"] == env["MEDSERVE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"], where
+
+
+def test_a_set_audit_signing_key_is_used_as_given(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text("secrets:\n  auditSigningKey: from-the-hospital-vault\n")
+    assert one(render(values), "Secret")["stringData"]["audit-signing-key"] == "from-the-hospital-vault"
 
 
 def test_existing_secret_replaces_the_generated_one(gpu_docs):

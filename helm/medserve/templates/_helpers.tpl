@@ -121,6 +121,16 @@ spec:
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       env:
         {{- include "medserve.env" $root | nindent 8 }}
+        # The audit chain's HMAC key, the same in every Ray pod: gateway replicas sign with it wherever
+        # they run, and the compliance monitor's `audit verify` checks every chain with it. Without it
+        # each pod generated a key of its own into its ephemeral MEDSERVE_HOME, so chains written in one
+        # pod failed verification in another and became unverifiable once the pod was gone. Only Ray
+        # pods hold it: the reconciler and the migration Job write no audit records.
+        - name: MEDSERVE_AUDIT_SIGNING_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "medserve.secretName" $root }}
+              key: audit-signing-key
       ports:
         {{- toYaml .ports | nindent 8 }}
       resources:
