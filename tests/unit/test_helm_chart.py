@@ -125,8 +125,9 @@ def test_crd_check_rejects_a_misspelt_field(default_docs):
         ("rayCluster:\n  workerGroups:\n    gpu:\n      gpus: two\n", "/rayCluster/workerGroups/gpu/gpus"),
         ("gateway:\n  port: '8000'\n", "/gateway/port"),
         ("networkPolicy:\n  enabeld: true\n", "/networkPolicy"),
+        ("rayCluster:\n  authMode: none\n", "/rayCluster/authMode"),
     ],
-    ids=["interval-string", "gpus-string", "port-string", "misspelt-key"],
+    ids=["interval-string", "gpus-string", "port-string", "misspelt-key", "auth-mode"],
 )
 def test_values_schema_refuses_wrong_types(tmp_path, bad_values: str, path: str):
     values = tmp_path / "bad.yaml"
@@ -234,6 +235,15 @@ def test_images_come_from_the_overridden_registry(default_docs, gpu_docs):
     assert images(gpu_docs) == {"registry.hospital.example/mirror/medserve/medserve:0.1.0"}
     for where, pod in pod_specs(gpu_docs):
         assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}], where
+
+
+def test_ray_runs_with_token_authentication_set_deliberately(docs, tmp_path):
+    # Ray starts a pod that holds no token with its authentication off; KubeRay's authOptions gives every
+    # Ray container the token and its own dashboard calls too (the CRD check above validates the field).
+    assert one(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    values = tmp_path / "values.yaml"
+    values.write_text("rayCluster:\n  authMode: disabled\n")
+    assert one(render(values), "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
 
 
 def test_ray_pods_send_no_usage_statistics(docs):
