@@ -246,6 +246,29 @@ def test_ray_runs_with_token_authentication_set_deliberately(docs, tmp_path):
     assert one(render(values), "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
 
 
+def test_the_audit_spool_outlives_its_pod_on_the_given_claim(default_docs, tmp_path):
+    # Without a claim the spool stays in each pod's emptyDir (documented as lost with the pod).
+    for where, pod in pod_specs(default_docs):
+        assert all(volume["name"] != "audit-spool" for volume in pod["volumes"]), where
+    values = tmp_path / "values.yaml"
+    values.write_text("auditSpool:\n  existingClaim: medserve-audit-spool\n")
+    docs = render(values)
+    for where, pod in pod_specs(docs):
+        container = pod["containers"][0]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        if "RayService" not in where:
+            assert "audit-spool" not in volumes and "MEDSERVE_AUDIT_SPOOL_DIR" not in env, where
+            continue
+        assert volumes["audit-spool"]["persistentVolumeClaim"] == {"claimName": "medserve-audit-spool"}, where
+        assert env["MEDSERVE_AUDIT_SPOOL_DIR"] == mounts["audit-spool"] == "/var/lib/medserve/audit-spool", where
+    import jsonschema
+
+    errors = list(jsonschema.Draft7Validator(rayservice_crd_schema()).iter_errors(one(docs, "RayService")))
+    assert [error.message[:200] for error in errors] == []
+
+
 def test_ray_pods_send_no_usage_statistics(docs):
     for where, pod in pod_specs(docs):
         env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}

@@ -131,6 +131,10 @@ spec:
             secretKeyRef:
               name: {{ include "medserve.secretName" $root }}
               key: audit-signing-key
+        {{- if $root.Values.auditSpool.existingClaim }}
+        - name: MEDSERVE_AUDIT_SPOOL_DIR
+          value: /var/lib/medserve/audit-spool
+        {{- end }}
       ports:
         {{- toYaml .ports | nindent 8 }}
       resources:
@@ -149,9 +153,19 @@ spec:
           mountPath: /tmp
         - name: shm
           mountPath: /dev/shm
+        {{- if $root.Values.auditSpool.existingClaim }}
+        - name: audit-spool
+          mountPath: /var/lib/medserve/audit-spool
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir: {}
+    {{- with $root.Values.auditSpool.existingClaim }}
+    # Spooled audit records outlive the pod that wrote them (values: auditSpool).
+    - name: audit-spool
+      persistentVolumeClaim:
+        claimName: {{ . }}
+    {{- end }}
     # Ray's object store lives in shared memory.
     - name: shm
       emptyDir:
