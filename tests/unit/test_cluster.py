@@ -19,6 +19,7 @@ from medserve.controlplane.cluster import (
     parse_resources,
     replica_placements,
     shell_command,
+    unshared_settings,
 )
 from medserve.controlplane.local_ray import RAY_CLUSTER_SWITCH, RAY_WORKER_NICENESS, is_loopback, ray_environment
 from medserve.errors import ConfigurationError
@@ -242,6 +243,35 @@ def test_replicas_run_at_normal_priority_unless_the_operator_chose_otherwise(tmp
     monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
     assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "5"
     assert node_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "5"
+
+
+def test_join_warns_of_each_setting_the_nodes_replicas_would_not_share_with_the_head(tmp_path):
+    alone = unshared_settings(Settings(home=tmp_path))
+    assert [warning.split(" ", 1)[0] for warning in alone] == [
+        "MEDSERVE_DATABASE_URL", "MEDSERVE_AUDIT_SIGNING_KEY", "MEDSERVE_PSEUDONYM_KEY"]
+    assert "fail `medserve audit verify`" in alone[1]
+    # The head's key files copied into this node's MEDSERVE_HOME serve as well as the variables.
+    (tmp_path / "audit-signing.key").write_text("the head's key")
+    shared = Settings(home=tmp_path, database_url="postgresql+psycopg://medserve@db/medserve", pseudonym_key="p")
+    assert unshared_settings(shared) == []
+
+
+def test_cli_join_prints_the_warnings_before_it_starts_the_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSERVE_HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    for name in ("MEDSERVE_DATABASE_URL", "MEDSERVE_AUDIT_SIGNING_KEY", "MEDSERVE_PSEUDONYM_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+    class NotStartedHere(Exception):
+        pass
+
+    def start_node(*args, **kwargs):
+        raise NotStartedHere  # no Ray here: the warnings must be out by now
+
+    monkeypatch.setattr("medserve.controlplane.cluster.start_node", start_node)
+    result = CliRunner().invoke(cli, ["cluster", "join", "--address", "10.0.0.5:6379"])
+    assert isinstance(result.exception, NotStartedHere)
+    assert result.output.count("warning: ") == 3 and "MEDSERVE_AUDIT_SIGNING_KEY is not set" in result.output
 
 
 @pytest.mark.parametrize("throughput_optimized", [True, False])

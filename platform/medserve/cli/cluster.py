@@ -36,7 +36,7 @@ def cluster_join(address: str, resources_json: str, num_cpus: int | None, num_gp
                  node_ip_address: str | None, token_file: Path | None, print_only: bool) -> None:
     """Join this machine to the medserve Ray head as a worker node; Ctrl-C stops exactly this node."""
     from medserve.controlplane.cluster import (
-        join_token, parse_join, parse_resources, shell_command, start_node, stop_node,
+        join_token, parse_join, parse_resources, shell_command, start_node, stop_node, unshared_settings,
     )
 
     join = parse_join(address=address, resources=parse_resources(resources_json), num_cpus=num_cpus,
@@ -46,9 +46,8 @@ def cluster_join(address: str, resources_json: str, num_cpus: int | None, num_gp
         click.echo(shell_command(join, token_file, throughput_optimized=settings.serve_throughput_optimized))
         return
     token = join_token(settings, token_file)
-    if not os.environ.get("MEDSERVE_DATABASE_URL"):
-        click.echo("warning: MEDSERVE_DATABASE_URL is not set: replicas placed here that write audit records would "
-                   "use a SQLite file on this machine, not the head's database", err=True)
+    for warning in unshared_settings(settings):
+        click.echo(f"warning: {warning}", err=True)
     log_path = settings.resolved_home / "ray-node.log"
     node = start_node(join, token, settings, log_path=log_path)
     announced = json.dumps(join.resources) if join.resources else "no custom resources"

@@ -174,6 +174,32 @@ def shell_command(join: NodeJoin, token_file: Path | None = None, *, throughput_
     return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {niceness} {serve_mode}{shlex.join(join_command(join))}"
 
 
+def unshared_settings(settings: Settings) -> list[str]:
+    """Warnings for what this node's replicas would not share with the head's (docs/on-prem.md).
+
+    Ray may place any replica on the node, the gateway included, and a replica reads medserve's
+    settings from the node's environment: without the head's database it writes its audit records to a
+    SQLite file of this machine, and without the head's keys it generates its own into this machine's
+    MEDSERVE_HOME, so its records' chain fails `audit verify` on the head and its pseudonyms link to
+    nothing there.
+    """
+    warnings = []
+    if not settings.database_url:
+        warnings.append("MEDSERVE_DATABASE_URL is not set: replicas placed here that write audit records would "
+                        "use a SQLite file on this machine, not the head's database")
+    home = settings.resolved_home
+    for variable, configured, key_file, why in (
+        ("MEDSERVE_AUDIT_SIGNING_KEY", settings.audit_signing_key, "audit-signing.key",
+         "the audit records they wrote would fail `medserve audit verify` with the head's key"),
+        ("MEDSERVE_PSEUDONYM_KEY", settings.pseudonym_key, "pseudonym.key",
+         "their pseudonyms would not match the head's for the same patient"),
+    ):
+        if configured is None and not (home / key_file).is_file():
+            warnings.append(f"{variable} is not set and {home / key_file} does not exist: replicas placed here "
+                            f"would generate a key of their own, and {why}")
+    return warnings
+
+
 def join_token(settings: Settings, token_file: Path | None = None) -> str:
     """The head's Ray token: --token-file, else RAY_AUTH_TOKEN, else MEDSERVE_HOME/ray-auth.token.
 
