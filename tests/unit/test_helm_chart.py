@@ -126,8 +126,9 @@ def test_crd_check_rejects_a_misspelt_field(default_docs):
         ("gateway:\n  port: '8000'\n", "/gateway/port"),
         ("networkPolicy:\n  enabeld: true\n", "/networkPolicy"),
         ("rayCluster:\n  authMode: none\n", "/rayCluster/authMode"),
+        ("rayCluster:\n  workerNiceness: -5\n", "/rayCluster/workerNiceness"),
     ],
-    ids=["interval-string", "gpus-string", "port-string", "misspelt-key", "auth-mode"],
+    ids=["interval-string", "gpus-string", "port-string", "misspelt-key", "auth-mode", "negative-niceness"],
 )
 def test_values_schema_refuses_wrong_types(tmp_path, bad_values: str, path: str):
     values = tmp_path / "bad.yaml"
@@ -275,10 +276,15 @@ def test_ray_pods_send_no_usage_statistics(docs):
         assert env["RAY_USAGE_STATS_ENABLED"] == "0", where
 
 
-def test_ray_pods_run_replicas_at_the_priority_of_rays_daemons(docs):
+def test_ray_pods_run_replicas_at_the_priority_of_rays_daemons(docs, tmp_path):
     for where, pod in pod_specs(docs):
         env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
         assert env["RAY_worker_niceness"] == "0", where
+    values = tmp_path / "values.yaml"
+    values.write_text("rayCluster:\n  workerNiceness: 15\n")  # Ray's own default, for a site that wants it
+    for where, pod in pod_specs(render(values)):
+        env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
+        assert env["RAY_worker_niceness"] == "15", where
 
 
 # --- labels, RBAC, secrets, hooks ---------------------------------------------------------

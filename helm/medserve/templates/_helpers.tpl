@@ -86,10 +86,10 @@ imagePullSecrets:
 # No external calls: Ray would otherwise report usage statistics.
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
-# Replicas at the same priority as Ray's daemons (Ray's default niceness for workers is 15): the model
-# engines are the work (measured with benchmarks/llm_throughput.py).
+# Replicas at the same priority as Ray's daemons by default (Ray's own niceness for workers is 15): the
+# model engines are the work (measured with benchmarks/llm_throughput.py). Values: rayCluster.workerNiceness.
 - name: RAY_worker_niceness
-  value: "0"
+  value: {{ .Values.rayCluster.workerNiceness | quote }}
 {{- if .Values.gateway.throughputOptimized }}
 # Direct ingress and gRPC between deployments (measured with `medserve bench`).
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
