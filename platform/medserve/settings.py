@@ -346,13 +346,23 @@ class Settings(BaseSettings):
         """The HMAC key, generating and persisting one on first use when unset."""
         if self.pseudonym_key is not None:
             return self.pseudonym_key.get_secret_value().encode()
-        return _read_or_create_secret(self.resolved_home / "pseudonym.key").encode()
+        return _read_or_create_secret(self.pseudonym_key_file).encode()
 
     def audit_signing_key_bytes(self) -> bytes:
         """The audit chain/checkpoint HMAC key, generating and persisting one on first use when unset."""
         if self.audit_signing_key is not None:
             return self.audit_signing_key.get_secret_value().encode()
-        return _read_or_create_secret(self.resolved_home / "audit-signing.key").encode()
+        return _read_or_create_secret(self.audit_signing_key_file).encode()
+
+    @property
+    def pseudonym_key_file(self) -> Path:
+        """Where the pseudonym key is generated and kept when MEDSERVE_PSEUDONYM_KEY is unset."""
+        return self.resolved_home / "pseudonym.key"
+
+    @property
+    def audit_signing_key_file(self) -> Path:
+        """Where the audit signing key is generated and kept when MEDSERVE_AUDIT_SIGNING_KEY is unset."""
+        return self.resolved_home / "audit-signing.key"
 
     @property
     def resolved_audit_spool_dir(self) -> Path:

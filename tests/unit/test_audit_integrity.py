@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from medserve.audit.fhir import bundle
 from medserve.audit.queries import AuditFilter, search_records
 from medserve.audit.writer import AuditWriter
 from medserve.cli.main import cli
@@ -91,7 +90,7 @@ def test_deleting_the_newest_rows_is_named(trail):
         _sql(url, "DELETE FROM audit_records WHERE id = :id", id=_uuid_param(url, record_id))
     code, output = _verify()
     assert code != 0
-    assert f"removed: chain" in output and f"after record {ids[36]}" in output
+    assert "removed: chain" in output and f"after record {ids[36]}" in output
 
 
 def test_inserting_a_row_is_named(trail):

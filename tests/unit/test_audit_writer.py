@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select

@@ -14,14 +14,19 @@ from medserve.controlplane.cluster import (
     join_command,
     join_token,
     list_nodes,
-    node_environment,
     parse_join,
     parse_resources,
     replica_placements,
     shell_command,
     unshared_settings,
 )
-from medserve.controlplane.local_ray import RAY_CLUSTER_SWITCH, RAY_WORKER_NICENESS, is_loopback, ray_environment
+from medserve.controlplane.local_ray import (
+    RAY_CLUSTER_SWITCH,
+    RAY_WORKER_NICENESS,
+    is_loopback,
+    node_process_environment,
+    ray_environment,
+)
 from medserve.errors import ConfigurationError
 from medserve.settings import Settings
 
@@ -239,10 +244,10 @@ def test_a_one_machine_head_holds_ray_to_loopback_and_a_cluster_head_does_not(tm
 def test_replicas_run_at_normal_priority_unless_the_operator_chose_otherwise(tmp_path, monkeypatch):
     monkeypatch.delenv(RAY_WORKER_NICENESS, raising=False)
     assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "0"
-    assert node_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "0"
+    assert node_process_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "0"
     monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
     assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "5"
-    assert node_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "5"
+    assert node_process_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "5"
 
 
 def test_join_warns_of_each_setting_the_nodes_replicas_would_not_share_with_the_head(tmp_path):
@@ -280,7 +285,7 @@ def test_a_joined_node_runs_serve_in_the_heads_mode(tmp_path, monkeypatch, throu
     # without direct ingress beside a head with it (tests/integration/test_placement.py checks the replica).
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
     settings = Settings(home=tmp_path, serve_throughput_optimized=throughput_optimized)
-    head, node = ray_environment(settings), node_environment(settings, "token")
+    head, node = ray_environment(settings), node_process_environment(settings, "token")
     expected = "1" if throughput_optimized else None
     assert head.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == node.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == expected
     for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "MEDSERVE_HOME", "PYTHONPATH"):

@@ -57,9 +57,9 @@ def test_handlers_map_to_status_and_never_echo_unexpected_text():
     assert client.get("/missing").status_code == 404
     response = client.get("/auth")
     assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
-    boom = client.get("/boom")
-    assert boom.status_code == 500
-    assert "John" not in boom.text and boom.json()["error"]["code"] == "internal_error"
+    crashed = client.get("/boom")
+    assert crashed.status_code == 500
+    assert "John" not in crashed.text and crashed.json()["error"]["code"] == "internal_error"
 
 
 def test_framework_errors_and_validation_use_the_typed_payloads():

@@ -67,6 +67,19 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def container_env(pod: dict[str, Any]) -> dict[str, Any]:
+    """The first container's environment: name -> value (None for one taken from a Secret)."""
+    return {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
+
+
+def crd_errors(rayservice: dict[str, Any]) -> list[str]:
+    """Where a rendered RayService breaks KubeRay's own CRD schema (empty when it passes)."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft7Validator(rayservice_crd_schema()).iter_errors(rayservice), key=str)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors]
+
+
 # --- lint, render, validate --------------------------------------------------------
 
 
@@ -100,13 +113,9 @@ def test_kubernetes_validate_strict_catches_unknown_fields(default_docs):
 
 
 def test_rayservice_passes_the_kuberay_crd_schema(docs):
-    import jsonschema
-
-    schema = rayservice_crd_schema()
     rayservice = one(docs, "RayService")
     assert rayservice["apiVersion"] == "ray.io/v1"
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(rayservice), key=str)
-    assert [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors] == []
+    assert crd_errors(rayservice) == []
 
 
 def test_crd_check_rejects_a_misspelt_field(default_docs):
@@ -255,36 +264,29 @@ def test_the_audit_spool_outlives_its_pod_on_the_given_claim(default_docs, tmp_p
     values.write_text("auditSpool:\n  existingClaim: medserve-audit-spool\n")
     docs = render(values)
     for where, pod in pod_specs(docs):
-        container = pod["containers"][0]
-        env = {item["name"]: item.get("value") for item in container["env"]}
-        mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+        env = container_env(pod)
+        mounts = {mount["name"]: mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]}
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
         if "RayService" not in where:
             assert "audit-spool" not in volumes and "MEDSERVE_AUDIT_SPOOL_DIR" not in env, where
             continue
         assert volumes["audit-spool"]["persistentVolumeClaim"] == {"claimName": "medserve-audit-spool"}, where
         assert env["MEDSERVE_AUDIT_SPOOL_DIR"] == mounts["audit-spool"] == "/var/lib/medserve/audit-spool", where
-    import jsonschema
-
-    errors = list(jsonschema.Draft7Validator(rayservice_crd_schema()).iter_errors(one(docs, "RayService")))
-    assert [error.message[:200] for error in errors] == []
+    assert crd_errors(one(docs, "RayService")) == []
 
 
 def test_ray_pods_send_no_usage_statistics(docs):
     for where, pod in pod_specs(docs):
-        env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
-        assert env["RAY_USAGE_STATS_ENABLED"] == "0", where
+        assert container_env(pod)["RAY_USAGE_STATS_ENABLED"] == "0", where
 
 
 def test_ray_pods_run_replicas_at_the_priority_of_rays_daemons(docs, tmp_path):
     for where, pod in pod_specs(docs):
-        env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
-        assert env["RAY_worker_niceness"] == "0", where
+        assert container_env(pod)["RAY_worker_niceness"] == "0", where
     values = tmp_path / "values.yaml"
     values.write_text("rayCluster:\n  workerNiceness: 15\n")  # Ray's own default, for a site that wants it
     for where, pod in pod_specs(render(values)):
-        env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
-        assert env["RAY_worker_niceness"] == "15", where
+        assert container_env(pod)["RAY_worker_niceness"] == "15", where
 
 
 # --- labels, RBAC, secrets, hooks ---------------------------------------------------------

@@ -7,7 +7,6 @@ body) and merges it into the object the way a merge patch does.
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -188,7 +188,7 @@ def test_unknown_model_is_never_a_label(recording):
 def test_refused_request_counts_with_its_status(recording):
     async def run() -> None:
         with pytest.raises(PermissionDeniedError):
-            async with _recorder(FakeWriter()).scope("imaging.analyze", "brain", {}) as audit:
+            async with _recorder(FakeWriter()).scope("imaging.analyze", "brain", {}):
                 raise PermissionDeniedError()
         ((_, labels),) = recording.named("medserve_requests_total")
         assert labels["status"] == "403" and labels["department"] == "none"

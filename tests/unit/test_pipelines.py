@@ -22,11 +22,11 @@ from medserve.errors import (
     SpecError,
 )
 from medserve.imaging.report import INFERENCE_ID_SYSTEM, StepOutcome, build_report, to_fhir
-from medserve.imaging.series import RoiBox, assemble_series
+from medserve.imaging.series import assemble_series
 from medserve.reviews.service import ReviewRequest, override_summary, pending_results, record_review
 from medserve.security.api_keys import Principal, create_api_key
 from medserve.security.roles import Role
-from medserve.specs import DeploymentSpec, PipelineSpec, load_catalog, load_spec, parse_spec
+from medserve.specs import DeploymentSpec, PipelineSpec, load_catalog, parse_spec
 from tests.series_data import BONE_ROI, MUSCLE_ROI, ct_series, mr_instance
 
 

@@ -101,6 +101,7 @@ imagePullSecrets:
 {{- define "medserve.rayPodTemplate" -}}
 {{- $root := .root -}}
 {{- $group := .group -}}
+{{- $auditSpoolDir := "/var/lib/medserve/audit-spool" -}}
 metadata:
   labels:
     {{- include "medserve.labels" $root | nindent 4 }}
@@ -133,7 +134,7 @@ spec:
               key: audit-signing-key
         {{- if $root.Values.auditSpool.existingClaim }}
         - name: MEDSERVE_AUDIT_SPOOL_DIR
-          value: /var/lib/medserve/audit-spool
+          value: {{ $auditSpoolDir }}
         {{- end }}
       ports:
         {{- toYaml .ports | nindent 8 }}
@@ -155,7 +156,7 @@ spec:
           mountPath: /dev/shm
         {{- if $root.Values.auditSpool.existingClaim }}
         - name: audit-spool
-          mountPath: /var/lib/medserve/audit-spool
+          mountPath: {{ $auditSpoolDir }}
         {{- end }}
   volumes:
     - name: tmp

@@ -168,7 +168,7 @@ def shell_command(join: NodeJoin, token_file: Path | None = None, *, throughput_
     else:
         token = '"${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to the head token (MEDSERVE_HOME/ray-auth.token on the head)}"'
     # The node's replicas at Ray's daemons' priority unless the administrator set one, as `cluster join`
-    # starts them (node_environment).
+    # starts them (node_process_environment).
     niceness = f'{RAY_WORKER_NICENESS}="${{{RAY_WORKER_NICENESS}:-0}}"'
     serve_mode = "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 " if throughput_optimized else ""
     return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token} {niceness} {serve_mode}{shlex.join(join_command(join))}"
@@ -187,15 +187,14 @@ def unshared_settings(settings: Settings) -> list[str]:
     if not settings.database_url:
         warnings.append("MEDSERVE_DATABASE_URL is not set: replicas placed here that write audit records would "
                         "use a SQLite file on this machine, not the head's database")
-    home = settings.resolved_home
     for variable, configured, key_file, why in (
-        ("MEDSERVE_AUDIT_SIGNING_KEY", settings.audit_signing_key, "audit-signing.key",
+        ("MEDSERVE_AUDIT_SIGNING_KEY", settings.audit_signing_key, settings.audit_signing_key_file,
          "the audit records they wrote would fail `medserve audit verify` with the head's key"),
-        ("MEDSERVE_PSEUDONYM_KEY", settings.pseudonym_key, "pseudonym.key",
+        ("MEDSERVE_PSEUDONYM_KEY", settings.pseudonym_key, settings.pseudonym_key_file,
          "their pseudonyms would not match the head's for the same patient"),
     ):
-        if configured is None and not (home / key_file).is_file():
-            warnings.append(f"{variable} is not set and {home / key_file} does not exist: replicas placed here "
+        if configured is None and not key_file.is_file():
+            warnings.append(f"{variable} is not set and {key_file} does not exist: replicas placed here "
                             f"would generate a key of their own, and {why}")
     return warnings
 
@@ -223,16 +222,6 @@ def join_token(settings: Settings, token_file: Path | None = None) -> str:
             fields=["token_file"],
         )
     return token
-
-
-def node_environment(settings: Settings, token: str) -> dict[str, str]:
-    """Environment of a joined node's Ray processes, which its replicas inherit: the head's
-    (``node_process_environment``) without a database URL of its own.
-
-    Replicas read medserve settings from it, so MEDSERVE_DATABASE_URL, the keys and
-    MEDSERVE_SERVE_THROUGHPUT_OPTIMIZED must be the head's (see docs/on-prem.md).
-    """
-    return node_process_environment(settings, token)
 
 
 @dataclass
@@ -272,7 +261,7 @@ def start_node(
         start_offset = log.tell()  # the log is appended to: read only this run's lines
         process = subprocess.Popen(
             command,
-            env=node_environment(settings, token),
+            env=node_process_environment(settings, token),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

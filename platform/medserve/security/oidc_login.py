@@ -25,7 +25,6 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import httpx

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from medserve.audit.writer import SPOOLED
 from medserve.catalog import CatalogEntry
