@@ -7,6 +7,7 @@ pseudonym finds that test's audit rows).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -155,6 +156,8 @@ def running_platform(home: Path, repo_root: Path, specs: list[DeploymentSpec] | 
             result.apply(specs)
             yield result
         finally:
+            with contextlib.suppress(Exception):  # Ray itself is stopped whatever Serve says
+                target.delete_all()  # as `medserve down` does: Ray's own stop is then quick
             stop_local_ray(settings)
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)

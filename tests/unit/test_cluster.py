@@ -22,6 +22,7 @@ from medserve.controlplane.cluster import (
 )
 from medserve.controlplane.local_ray import (
     RAY_CLUSTER_SWITCH,
+    RAY_DIRECT_INGRESS_DRAIN,
     RAY_WORKER_NICENESS,
     is_loopback,
     node_process_environment,
@@ -248,6 +249,19 @@ def test_replicas_run_at_normal_priority_unless_the_operator_chose_otherwise(tmp
     monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
     assert ray_environment(Settings(home=tmp_path))[RAY_WORKER_NICENESS] == "5"
     assert node_process_environment(Settings(home=tmp_path), "token")[RAY_WORKER_NICENESS] == "5"
+
+
+def test_a_one_machine_gateway_drains_only_its_in_flight_requests(tmp_path, monkeypatch):
+    # Ray holds a stopping direct-ingress replica open 30 s for a load balancer in front of its port;
+    # only where something off the machine can reach that port.
+    monkeypatch.delenv(RAY_DIRECT_INGRESS_DRAIN, raising=False)
+    assert ray_environment(Settings(home=tmp_path))[RAY_DIRECT_INGRESS_DRAIN] == "0"
+    opened = ray_environment(Settings(home=tmp_path, gateway_host="0.0.0.0"))
+    cluster_head = ray_environment(Settings(home=tmp_path, ray_node_address="10.0.0.5"))
+    joined = node_process_environment(Settings(home=tmp_path), "token")
+    assert all(RAY_DIRECT_INGRESS_DRAIN not in env for env in (opened, cluster_head, joined))
+    monkeypatch.setenv(RAY_DIRECT_INGRESS_DRAIN, "10")
+    assert ray_environment(Settings(home=tmp_path))[RAY_DIRECT_INGRESS_DRAIN] == "10"
 
 
 def test_join_warns_of_each_setting_the_nodes_replicas_would_not_share_with_the_head(tmp_path):
