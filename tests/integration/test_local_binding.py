@@ -20,7 +20,7 @@ import psutil
 import pytest
 from ray._common.network_utils import node_ip_address_from_perspective
 
-from medserve.controlplane.local_ray import STATE_FILE, is_loopback, named_network_listener
+from medserve.controlplane.local_ray import RAY_DIRECT_INGRESS_DRAIN, STATE_FILE, is_loopback, named_network_listener
 from medserve.specs import load_catalog
 
 from .conftest import Platform, running_platform
@@ -114,7 +114,9 @@ def open_gateway(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> I
     """A platform of its own with MEDSERVE_GATEWAY_HOST=0.0.0.0 and one model (the liver analyzer)."""
     specs = [spec for spec in load_catalog(repo_root / "deployments") if spec.name == "ct-liver-attenuation-hu"]
     with running_platform(tmp_path_factory.mktemp("medserve-open"), repo_root, specs=specs,
-                          MEDSERVE_GATEWAY_HOST="0.0.0.0") as platform:
+                          MEDSERVE_GATEWAY_HOST="0.0.0.0",
+                          # No balancer in front of the test's gateway port: no 30 s wait for one at teardown.
+                          **{RAY_DIRECT_INGRESS_DRAIN: "0"}) as platform:
         yield platform
 
 

@@ -28,6 +28,7 @@ from medserve.controlplane.cluster import (
     stop_node,
     wait_for_node,
 )
+from medserve.controlplane.local_ray import RAY_DIRECT_INGRESS_DRAIN
 from medserve.controlplane.render import app_name_for
 from medserve.specs import DeploymentSpec, load_catalog
 from tests.series_data import ct_series
@@ -55,7 +56,9 @@ def head(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[
     assert address and not address.startswith("127."), f"no network address to advertise here ({address})"
     with running_platform(tmp_path_factory.mktemp("medserve-head"), repo_root,
                           specs=[s for s in load_catalog(repo_root / "deployments") if s.name in BASE],
-                          MEDSERVE_RAY_NODE_ADDRESS=address) as platform:
+                          MEDSERVE_RAY_NODE_ADDRESS=address,
+                          # No balancer in front of the test's gateway port: no 30 s wait for one at teardown.
+                          **{RAY_DIRECT_INGRESS_DRAIN: "0"}) as platform:
         yield platform
 
 
