@@ -106,8 +106,10 @@ class RayClusterTarget:
         """Shut Serve down and wait until its controller is gone.
 
         The dashboard answers the DELETE after at most 30 s while the controller
-        may still be draining replicas (direct-ingress replicas took the whole
-        30 s here); a config applied in that window is dropped by the dying
+        may still be draining replicas (direct-ingress replicas take Ray's whole
+        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s unless medserve set
+        it to 0 for one machine: local_ray.ray_environment); a config applied in
+        that window is dropped by the dying
         controller ("Ignoring apply_config request because Serve controller is
         shutting down") although the PUT answered 200.
         """
