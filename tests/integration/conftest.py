@@ -7,7 +7,6 @@ pseudonym finds that test's audit rows).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -117,7 +116,8 @@ def running_platform(home: Path, repo_root: Path, specs: list[DeploymentSpec] | 
                      **settings_env: str) -> Iterator[Platform]:
     """A Ray head started the way `medserve up` starts one, with `specs` applied (default: the catalog).
 
-    settings_env: more MEDSERVE_* variables, e.g. MEDSERVE_RAY_NODE_ADDRESS for a head that nodes join.
+    settings_env: more variables for the head and its replicas, e.g. MEDSERVE_RAY_NODE_ADDRESS for a head
+    that nodes join, or one of Ray's own.
     """
     # This head's own Ray temp dir (short: unix socket paths are limited to
     # ~107 characters), so tests can read exactly this run's logs.
@@ -156,8 +156,6 @@ def running_platform(home: Path, repo_root: Path, specs: list[DeploymentSpec] | 
             result.apply(specs)
             yield result
         finally:
-            with contextlib.suppress(Exception):  # Ray itself is stopped whatever Serve says
-                target.delete_all()  # as `medserve down` does: Ray's own stop is then quick
             stop_local_ray(settings)
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)

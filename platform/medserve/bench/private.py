@@ -111,20 +111,12 @@ def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[
     with session_scope(settings.resolved_database_url) as session:
         # No request-rate limit: the benchmark measures the door, not the default quota.
         _, key = create_api_key(session, name="benchmark", role="clinical-app", rate_limit_rps=0)
-    target = RayClusterTarget(connection.dashboard_url, connection.auth_token)
-
-    def stop() -> None:
-        try:
-            target.delete_all()  # Serve first, as `medserve down` does: Ray's own stop is then quick
-        finally:
-            stop_local_ray(settings)
-
     return PrivatePlatform(
         settings=settings,
-        target=target,
+        target=RayClusterTarget(connection.dashboard_url, connection.auth_token),
         proxy_url=f"http://127.0.0.1:{settings.gateway_port}",
         key=key,
-        stop=stop,
+        stop=lambda: stop_local_ray(settings),
         extra_apps=list(extra_apps or []),
         gateway_replicas=gateway_replicas,
     )

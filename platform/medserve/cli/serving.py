@@ -171,12 +171,12 @@ def _shutdown(settings: Settings, target: Any, started_ray: bool) -> None:
     if stop_prometheus(settings.resolved_home / PROMETHEUS_DIR):
         click.echo("Prometheus stopped.")
 
-    try:
-        target.delete_all()
-    except MedserveError as error:
-        click.echo(f"could not remove the Serve applications: {error.message}", err=True)
-    if started_ray:
-        stop_local_ray(settings)
+    # Ray that `up` started goes with its Serve applications (stop_local_ray shuts them down first).
+    if not (started_ray and stop_local_ray(settings)):
+        try:
+            target.delete_all()
+        except MedserveError as error:
+            click.echo(f"could not remove the Serve applications: {error.message}", err=True)
     (settings.resolved_home / UP_STATE_FILE).unlink(missing_ok=True)
     click.echo("medserve stopped.")
 

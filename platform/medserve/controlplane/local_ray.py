@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,8 +22,11 @@ import httpx
 
 import medserve
 
+from medserve.controlplane.targets import RayClusterTarget
 from medserve.errors import ClusterError
 from medserve.settings import Settings, _read_or_create_secret
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "ray-local.json"
 
@@ -243,17 +247,22 @@ def start_local_ray(settings: Settings, *, timeout_s: float = 120.0) -> RayConne
 
 
 def stop_local_ray(settings: Settings, timeout_s: float = 60.0) -> bool:
-    """Stop the Ray that medserve started; False when it started none.
+    """Stop the Ray that medserve started, its Serve applications first; False when it started none.
 
-    Shut Serve down first (``RayClusterTarget.delete_all``, as `down` does): with Serve applications
-    running, Ray's SIGTERM handler drains the node and waits up to its
-    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) for them; with none, the stop takes 2-3 s here.
+    With Serve applications running, Ray's SIGTERM handler drains the node and waits up to its
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) for them; shut down first, they finish their
+    in-flight requests and Ray's own stop takes 2-3 s here.
     """
     state_path = settings.resolved_home / STATE_FILE
     if not state_path.exists():
         return False
-    pid = int(json.loads(state_path.read_text())["pid"])
+    state = json.loads(state_path.read_text())
+    pid = int(state["pid"])
     if _alive(pid):
+        try:
+            RayClusterTarget(state["dashboard_url"], ray_auth_token(settings)).delete_all()
+        except ClusterError as error:  # Ray is stopped all the same, and Serve with it
+            logger.warning("Serve did not shut down before Ray: %s", error.message)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while _alive(pid) and time.monotonic() < deadline:
