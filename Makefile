@@ -63,9 +63,11 @@ test-integration: install
 # config and the monitoring material in. tests/unit/test_helm_sync.py fails
 # when these copies drift from their masters. The render runs with no
 # MEDSERVE_* setting from the caller's shell, except the proxy binding every
-# pod interface (inside a pod, 127.0.0.1 is unreachable from the Service).
+# pod interface (inside a pod, 127.0.0.1 is unreachable from the Service) and
+# the gateway's own port off, as the chart's values ship it (gateway.listenPort).
 CHART := helm/medserve
-HELM_RENDER_ENV := env $(foreach v,$(filter MEDSERVE_%,$(.VARIABLES)),-u $(v)) MEDSERVE_GATEWAY_HOST=0.0.0.0
+HELM_RENDER_ENV := env $(foreach v,$(filter MEDSERVE_%,$(.VARIABLES)),-u $(v)) MEDSERVE_GATEWAY_HOST=0.0.0.0 \
+	MEDSERVE_GATEWAY_LISTEN_PORT=0
 
 helm-sync:
 	@test -x $(BIN)/python || $(MAKE) install

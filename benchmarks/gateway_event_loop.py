@@ -91,7 +91,7 @@ def main() -> None:
     try:
         headers = {"Authorization": f"Bearer {platform.key}", "Content-Type": "image/png"}
         platform.apply([noop_spec("bench-noop", "gateway")], audit_durability=options.durability)
-        raw_url, gateway_url = _ready(platform, headers, 1)
+        raw_url, gateway_url, _ = _ready(platform, headers, 1)
         sides = {
             "raw": (raw_url, Request("POST", RAW_ROUTE, NOOP_BODY, {"Content-Type": "image/png"}),
                     _replica_pids(platform, RAW_APP)[0]),

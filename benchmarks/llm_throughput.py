@@ -76,8 +76,8 @@ def main() -> None:
         except BaseException:
             stop()  # never leave the private Ray running
             raise
-        urls = platform.ingress_urls().get("gateway")
-        url, key = (urls[0] if urls else platform.proxy_url), platform.key
+        # The gateway's own port, as `up` ships it (gateway/listener.py).
+        url, key = platform.gateway_url, platform.key
         models["gateway, engine in gateway"] = here.model.name
     engine, _ = load_engine(spec)
     params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=1)

@@ -56,7 +56,19 @@ class Settings(BaseSettings):
         "Default loopback: only this machine reaches it. 0.0.0.0 (or one interface's address) opens the gateway, "
         "and only the gateway, to the network; Ray's own ports follow MEDSERVE_RAY_NODE_ADDRESS.",
     )
-    gateway_port: int = Field(default=8000, ge=1, le=65535, description="Port the gateway listens on.")
+    gateway_port: int = Field(
+        default=8000, ge=1, le=65535,
+        description="Ray Serve's HTTP proxy port, in front of the gateway on every Ray node (Serve's own request "
+        "layer: routing, its request metrics and backpressure). Every gateway route answers here.",
+    )
+    gateway_listen_port: int = Field(
+        default=8100, ge=0, le=65535,
+        description="The gateway's own port, on MEDSERVE_GATEWAY_HOST: every gateway replica answers it itself, "
+        "without Ray Serve's per-request layer (the fastest door, docs/speed.md); the replicas on one node share "
+        "it (SO_REUSEPORT). Same routes, authentication, audit and metering as the proxy port. Only nodes that "
+        "host a gateway replica answer on it (one machine: always). `up` prints it as the gateway's address. "
+        "0: off (the Helm chart's default, see its values).",
+    )
     gateway_serve_access_log: bool = Field(
         default=False,
         description="Ray Serve's own access-log line for each gateway request (the replica's log file). Off by "
@@ -341,6 +353,18 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.resolved_home / 'medserve.db'}"
+
+    @property
+    def gateway_url(self) -> str:
+        """Where clinical apps call the gateway: its own port, else Ray Serve's proxy port."""
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{self.gateway_host}:{self.gateway_listen_port or self.gateway_port}"
+
+    @property
+    def serve_proxy_url(self) -> str:
+        """Ray Serve's proxy in front of the gateway (every Ray node)."""
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{self.gateway_host}:{self.gateway_port}"
 
     def pseudonym_key_bytes(self) -> bytes:
         """The HMAC key, generating and persisting one on first use when unset."""

@@ -126,6 +126,7 @@ def running_platform(home: Path, repo_root: Path, specs: list[DeploymentSpec] | 
         "MEDSERVE_RAY_TEMP_DIR": ray_temp,
         "MEDSERVE_HOME": str(home),
         "MEDSERVE_GATEWAY_PORT": str(free_port()),
+        "MEDSERVE_GATEWAY_LISTEN_PORT": str(free_port()),
         "MEDSERVE_RAY_DASHBOARD_PORT": str(free_port()),
         "MEDSERVE_RAY_HEAD_PORT": str(free_port()),
         # Logical CPUs, not cores: leaves room for extra replicas in tests.
@@ -148,7 +149,8 @@ def running_platform(home: Path, repo_root: Path, specs: list[DeploymentSpec] | 
             result = Platform(
                 settings=settings,
                 target=target,
-                base_url=f"http://127.0.0.1:{settings.gateway_port}",
+                # The gateway's own port, as clinical apps call it (`up` prints it first).
+                base_url=f"http://127.0.0.1:{settings.gateway_listen_port}",
                 repo_root=repo_root,
                 env={**overrides, "RAY_AUTH_TOKEN": connection.auth_token or ""},
                 ray_temp_dir=Path(ray_temp),

@@ -69,7 +69,8 @@ def test_every_listener_of_the_ray_session_is_on_loopback(platform: Platform):
     # The session is the whole platform: GCS, dashboard, raylet and agents, the gateway and every model replica.
     ports = {port for _, port, _, _ in listeners}
     settings = platform.settings
-    assert {settings.ray_head_port, settings.ray_dashboard_port, settings.gateway_port} <= ports, sorted(ports)
+    assert {settings.ray_head_port, settings.ray_dashboard_port, settings.gateway_port,
+            settings.gateway_listen_port} <= ports, sorted(ports)
     assert sum("ServeReplica:model-" in name for _, _, name, _ in listeners) >= 4, "the catalog's model replicas"
     off_loopback = [
         entry for entry in listeners
@@ -132,14 +133,20 @@ def test_the_gateway_host_setting_opens_the_gateway_and_nothing_else(open_gatewa
         if not is_loopback(ip) and not named_network_listener(ip, name)
     }
     gateway_ports = {(ip, port) for ip, port, name in opened if name == "ray::ServeReplica:gateway:Gateway"}
+    own_port = ("0.0.0.0", open_gateway.settings.gateway_listen_port)
     assert opened == {("0.0.0.0", open_gateway.settings.gateway_port, "ray::ProxyActor")} | {
         (ip, port, "ray::ServeReplica:gateway:Gateway") for ip, port in gateway_ports}, opened
-    assert len(gateway_ports) == 1 and all(_is_direct_ingress(port) for _, port in gateway_ports), opened
-    # Reached on the machine's network address, with the model behind it.
+    # The gateway replica's own port, and its Serve direct-ingress port.
+    direct_ingress = gateway_ports - {own_port}
+    assert own_port in gateway_ports and len(direct_ingress) == 1, opened
+    assert all(_is_direct_ingress(port) for _, port in direct_ingress), opened
+    # Reached on the machine's network address, with the model behind it, on the gateway's own port and
+    # through Serve's proxy.
     address = node_ip_address_from_perspective(None)
     assert not is_loopback(address), address
-    with httpx.Client(base_url=f"http://{address}:{open_gateway.settings.gateway_port}", timeout=60,
-                      headers={"Authorization": f"Bearer {open_gateway.key()}"}) as client:
-        models = client.get("/v1/models")
-    assert models.status_code == 200
-    assert [model["id"] for model in models.json()["data"]] == ["ct-liver-attenuation-hu"]
+    for port in (open_gateway.settings.gateway_listen_port, open_gateway.settings.gateway_port):
+        with httpx.Client(base_url=f"http://{address}:{port}", timeout=60,
+                          headers={"Authorization": f"Bearer {open_gateway.key()}"}) as client:
+            models = client.get("/v1/models")
+        assert models.status_code == 200, port
+        assert [model["id"] for model in models.json()["data"]] == ["ct-liver-attenuation-hu"], port

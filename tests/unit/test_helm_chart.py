@@ -193,6 +193,11 @@ def test_gateway_service_and_proxy_listen_on_the_gateway_port(default_docs):
     service = rayservice["spec"]["serveService"]
     assert service["metadata"]["name"] == "rel-medserve-gateway"
     assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    # The gateway's own port stays off in the chart: the Service selects every Ray pod, and only the pods
+    # hosting a gateway replica would answer on it (values.yaml, gateway.listenPort).
+    assert "listener" not in next(app for app in serve["applications"] if app["name"] == "gateway")["args"]
+    for where, pod in pod_specs(default_docs):
+        assert container_env(pod)["MEDSERVE_GATEWAY_LISTEN_PORT"] == "0", where
 
 
 # --- pods: resources, security, probes, images, no external calls -------------------------

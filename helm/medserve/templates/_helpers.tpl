@@ -83,6 +83,8 @@ imagePullSecrets:
   value: "0.0.0.0"
 - name: MEDSERVE_GATEWAY_PORT
   value: {{ .Values.gateway.port | quote }}
+- name: MEDSERVE_GATEWAY_LISTEN_PORT
+  value: {{ .Values.gateway.listenPort | quote }}
 # No external calls: Ray would otherwise report usage statistics.
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"

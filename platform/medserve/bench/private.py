@@ -55,6 +55,8 @@ class PrivatePlatform:
     target: RayClusterTarget
     proxy_url: str
     key: str
+    # The gateway's own port (gateway/listener.py), as `up` ships it: what clinical apps call.
+    gateway_url: str
     stop: Callable[[], None]
     extra_apps: list[dict[str, Any]] = field(default_factory=list)
     gateway_replicas: int = 1
@@ -85,6 +87,7 @@ def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[
     environment = {
         "MEDSERVE_HOME": home,
         "MEDSERVE_GATEWAY_PORT": str(free_port()),
+        "MEDSERVE_GATEWAY_LISTEN_PORT": str(free_port()),
         "MEDSERVE_RAY_DASHBOARD_PORT": str(free_port()),
         "MEDSERVE_RAY_HEAD_PORT": str(free_port()),
         # A short temp dir: Ray's unix socket paths are limited to ~107 characters.
@@ -115,6 +118,7 @@ def start_private_platform(*, throughput_optimized: bool, extra_apps: list[dict[
         settings=settings,
         target=RayClusterTarget(connection.dashboard_url, connection.auth_token),
         proxy_url=f"http://127.0.0.1:{settings.gateway_port}",
+        gateway_url=f"http://127.0.0.1:{settings.gateway_listen_port}",
         key=key,
         stop=lambda: stop_local_ray(settings),
         extra_apps=list(extra_apps or []),

@@ -210,23 +210,25 @@ def _replica_pids(platform: PrivatePlatform, *app_names: str) -> list[int]:
     ]
 
 
-def _ready(platform: PrivatePlatform, headers: dict[str, str], replicas: int) -> tuple[list[str], list[str]]:
-    """The base URLs of the raw baseline's and the gateway's replicas, once all answer."""
+def _ready(platform: PrivatePlatform, headers: dict[str, str],
+           replicas: int) -> tuple[list[str], list[str], list[str]]:
+    """The base URLs of the raw baseline's replicas, of the gateway's own port (what `up` ships: one port
+    its replicas share) and of the gateway replicas' Serve ports (direct ingress, or the proxy), once all answer."""
     deadline = time.monotonic() + 120
     while True:
         urls = platform.ingress_urls()
         raw_urls = urls.get(RAW_APP) or [platform.proxy_url]
-        gateway_urls = urls.get(GATEWAY_APP) or [platform.proxy_url]
+        serve_urls = urls.get(GATEWAY_APP) or [platform.proxy_url]
         on_proxy = raw_urls == [platform.proxy_url]
-        if on_proxy or (len(raw_urls) >= replicas and len(gateway_urls) >= replicas) or time.monotonic() > deadline:
+        if on_proxy or (len(raw_urls) >= replicas and len(serve_urls) >= replicas) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     # Direct ingress or proxy, the baseline answers under its route prefix.
     for url in raw_urls:
         wait_for_answer(url, RAW_ROUTE, {}, NOOP_BODY)
-    for url in gateway_urls:
+    for url in [platform.gateway_url, *serve_urls]:
         wait_for_answer(url, "/v1/imaging/bench-noop", headers, NOOP_BODY)
-    return raw_urls, gateway_urls
+    return raw_urls, [platform.gateway_url], serve_urls
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchReport:
@@ -260,8 +262,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         for durability in ("strict", "batched"):
             log(f"deploying (audit durability {durability})")
             platform.apply(specs, audit_durability=durability)
-            raw_url, gateway_url = _ready(platform, headers, options.replicas)
-            log(f"raw Ray Serve at {raw_url} {RAW_ROUTE}, gateway at {gateway_url}; measuring")
+            raw_url, gateway_url, serve_url = _ready(platform, headers, options.replicas)
+            log(f"raw Ray Serve at {raw_url} {RAW_ROUTE}, gateway at {gateway_url} (its own port) and "
+                f"{serve_url} (Serve's); measuring")
             # CPU per request: raw's replicas; every gateway process (writer included); by handle, the
             # noop model's replicas too.
             raw_cpu = cpu_meter(lambda: _replica_pids(platform, RAW_APP))
@@ -274,6 +277,12 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
                 Scenario(f"gateway, noop by handle, audit {durability}", gateway_url, handle_request, c,
                          cpu_of=hop_cpu),
             ]
+            if durability == "strict":
+                # The same gateway through Ray Serve's own port and request layer: what the gateway's own
+                # port saves (gateway/listener.py), in the same run.
+                via = "Serve's direct ingress" if options.throughput_optimized else "Serve's proxy"
+                scenarios.append(Scenario(f"gateway via {via}, noop in gateway, audit strict", serve_url,
+                                          noop_request, c, cpu_of=gateway_cpu))
             if options.profile_dir is not None and durability == "strict":
                 for scenario, app in zip(scenarios[:2], (RAW_APP, GATEWAY_APP)):
                     scenario.profile = Profile(lambda app=app: _replica_pids(platform, app),  # type: ignore[misc]
@@ -282,11 +291,14 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
                 scenarios[2].profile = Profile(
                     lambda: _replica_pids(platform, GATEWAY_APP, app_name_for(by_handle)),
                     options.profile_dir / f"by-handle-{durability}.txt")
-            raw, local, hop = _alternate(scenarios, options.rounds, options.duration_s, options.warmup_s)
+            raw, local, hop, *through_serve = _alternate(scenarios, options.rounds, options.duration_s,
+                                                         options.warmup_s)
             report.profiles.update({s.label: s.top_frames for s in scenarios if s.top_frames})
-            report.results += [r.summary() for r in (raw, local, hop)]
+            report.results += [r.summary() for r in (raw, local, hop, *through_serve)]
             report.add_ratio(f"gateway (noop in gateway, {durability}) / raw", local, raw)
             report.add_ratio(f"gateway (noop by handle, {durability}) / raw", hop, raw)
+            for result in through_serve:
+                report.add_ratio(f"gateway via {via} (noop in gateway, strict) / raw", result, raw)
             if durability == "strict":
                 _measure_models(options, imaging, llm, platform, gateway_url, report, log)
         if options.autoscale:
@@ -329,7 +341,7 @@ def _measure_autoscaling(options: BenchOptions, platform: PrivatePlatform, log: 
     log("deploying the autoscaling model")
     platform.apply([spec], audit_durability="batched")
     headers = {"Authorization": f"Bearer {platform.key}", "Content-Type": "image/png"}
-    gateway_url = (platform.ingress_urls().get(GATEWAY_APP) or [platform.proxy_url])[0]
+    gateway_url = platform.gateway_url
     wait_for_answer(gateway_url, "/v1/imaging/bench-scaling", headers, NOOP_BODY)
     watch = ReplicaWatch(platform.target, app_name_for(spec)).start()
     load_concurrency = 16

@@ -114,7 +114,7 @@ def up(detach: bool, deployments_dir: Path | None, with_prometheus: bool) -> Non
         "dashboard_url": dashboard_url,
         "started_ray": started_ray,
         "deployments_dir": str((deployments_dir or settings.deployments_dir).resolve()),
-        "gateway_url": f"http://{settings.gateway_host}:{settings.gateway_port}",
+        "gateway_url": settings.gateway_url,
     }))
 
     target = RayClusterTarget(dashboard_url, token)
@@ -131,9 +131,12 @@ def up(detach: bool, deployments_dir: Path | None, with_prometheus: bool) -> Non
 
     for pipeline in pipelines_of(specs):
         click.echo(f"  pipeline {pipeline.name}: {', '.join(step.name for step in pipeline.steps)}")
-    base = f"http://{settings.gateway_host}:{settings.gateway_port}"
+    base = settings.gateway_url
     click.echo("")
     click.echo(f"medserve gateway: {base}  (health: {base}/healthz, models: {base}/v1/models)")
+    if settings.gateway_listen_port:
+        click.echo(f"  the gateway's own port, answered by its replicas; through Ray Serve's proxy: "
+                   f"{settings.serve_proxy_url}")
     if settings.serve_throughput_optimized:
         loopback = settings.gateway_host if settings.gateway_host in ("127.0.0.1", "localhost", "::1") else None
         for replica_url in target.ingress_targets(loopback).get("gateway", []):

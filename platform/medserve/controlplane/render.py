@@ -44,6 +44,7 @@ class RenderOptions(BaseModel):
         values: dict[str, Any] = {
             "http_host": settings.gateway_host,
             "http_port": settings.gateway_port,
+            "gateway_listen_port": settings.gateway_listen_port or None,
             "ssl_certfile": settings.tls_cert_file,
             "ssl_keyfile": settings.tls_key_file,
             "gateway_access_log": settings.gateway_serve_access_log,
@@ -54,6 +55,11 @@ class RenderOptions(BaseModel):
 
     http_host: str = Field(default="127.0.0.1", description="Address Serve's HTTP proxy binds.")
     http_port: int = Field(default=8000, description="Port Serve's HTTP proxy binds.")
+    gateway_listen_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="The gateway's own port, bound by every gateway replica on http_host (gateway/listener.py); "
+        "None: the gateway answers through Serve's ports only.",
+    )
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway replicas.")
     gateway_num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per gateway replica.")
     gateway_max_ongoing_requests: int = Field(
@@ -260,6 +266,11 @@ def render_gateway_app(
             }
         ],
     }
+    if options.gateway_listen_port is not None:
+        app["args"]["listener"] = {
+            "host": options.http_host, "port": options.gateway_listen_port,
+            "ssl_certfile": options.ssl_certfile, "ssl_keyfile": options.ssl_keyfile,
+        }
     if options.allow_unpinned_artifacts and any(spec.placement == "gateway" for spec in specs):
         app["args"]["allow_unpinned"] = True
     if pipelines:

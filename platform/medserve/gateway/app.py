@@ -17,6 +17,7 @@ from medserve import __version__
 from medserve.console.routes import router as console_router
 from medserve.gateway.errors import install_error_handlers
 from medserve.gateway.fastpath import FastRoute, GatewayApp
+from medserve.gateway.listener import GatewayListener, ListenerConfig
 from medserve.gateway.openapi import install_openapi
 from medserve.gateway.routes import admin_audit, admin_models, chat, health, imaging, models, oip, pipelines, reviews
 from medserve.gateway.state import GatewayState, set_gateway
@@ -90,7 +91,12 @@ _RUN_APP = _RunApp()
 
 
 class Gateway:
-    """One gateway replica: builds the shared state the routes use."""
+    """One gateway replica: builds the shared state the routes use, and serves the gateway's own port.
+
+    Requests reach the same app on the gateway's own port (gateway/listener.py:
+    no Ray Serve layer per request, the fastest door), on Serve's proxy port and
+    on the replica's Serve direct-ingress port (both through ``__call__``).
+    """
 
     def __init__(
         self,
@@ -98,10 +104,16 @@ class Gateway:
         settings: dict[str, Any] | None = None,
         pipelines: list[dict[str, Any]] | None = None,
         allow_unpinned: bool = False,
+        listener: dict[str, Any] | None = None,
     ) -> None:
         self.state = GatewayState(catalog, settings, pipelines, allow_unpinned=allow_unpinned)
         set_gateway(self.state)
         app.max_body_bytes = self.state.settings.max_body_bytes
+        self.listener: GatewayListener | None = None
+        if listener:
+            # Bound here, in the constructor: a port already taken fails the replica's start with the reason.
+            self.listener = GatewayListener(app, ListenerConfig.model_validate(listener))
+            self.listener.start()
 
     async def __call__(self, request: Request) -> Response:
         # A hot inference route is answered here and its Response handed back to
@@ -114,15 +126,27 @@ class Gateway:
         # ASGI triple it now passes to the returned object.
         return _RUN_APP
 
-    def __del__(self) -> None:
-        # Ray Serve calls this on graceful replica shutdown: drain the audit queue.
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose own port stopped serving is restarted."""
+        if self.listener is not None and (error := self.listener.failed) is not None:
+            raise RuntimeError(f"the gateway's own port stopped serving: {error!r}")
+
+    async def __del__(self) -> None:
+        # Ray Serve awaits this on graceful replica shutdown: finish the requests on
+        # the gateway's own port (Serve does not see them), then drain the audit queue.
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            self.listener = None
+            await listener.stop()
         state = getattr(self, "state", None)
         if state is not None:
+            self.state = None
             state.close()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder named by import_path in the rendered Serve config."""
     return serve.deployment(Gateway, name="Gateway").bind(
-        args["catalog"], args.get("settings") or {}, args.get("pipelines") or [], bool(args.get("allow_unpinned"))
+        args["catalog"], args.get("settings") or {}, args.get("pipelines") or [], bool(args.get("allow_unpinned")),
+        args.get("listener"),
     )

@@ -1,0 +1,143 @@
+"""The gateway's own port (gateway/listener.py): served in the running loop, shared, drained on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from medserve.controlplane.render import RenderOptions, render_gateway_app
+from medserve.gateway.listener import GatewayListener, ListenerConfig
+from medserve.settings import Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _app(name: str, release: asyncio.Event | None = None):
+    """An ASGI app that names itself; with ``release``, /slow answers only once the event is set."""
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        assert scope["type"] == "http"
+        if scope["path"] == "/slow" and release is not None:
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": name.encode()})
+
+    return app
+
+
+async def _wait_listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_a_listener_serves_its_app_in_the_running_loop_and_closes_its_port_on_stop():
+    port = _free_port()
+
+    async def scenario() -> tuple[int, str, bool]:
+        listener = GatewayListener(_app("gateway"), ListenerConfig(host="127.0.0.1", port=port))
+        listener.start()
+        await _wait_listening(port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            answer = await client.get("/anything")
+        assert listener.failed is None
+        await listener.stop()
+        try:
+            await asyncio.open_connection("127.0.0.1", port)
+            refused = False
+        except OSError:
+            refused = True
+        return answer.status_code, answer.text, refused
+
+    status, text, refused = asyncio.run(scenario())
+    assert (status, text) == (200, "gateway")
+    assert refused, "the port still accepted connections after stop()"
+
+
+def test_stop_finishes_the_requests_in_flight_before_returning():
+    """Serve does not see these requests, so the replica's __del__ (listener.stop) must drain them itself."""
+    port = _free_port()
+
+    async def scenario() -> tuple[int, str]:
+        release = asyncio.Event()
+        listener = GatewayListener(_app("drained", release), ListenerConfig(host="127.0.0.1", port=port))
+        listener.start()
+        await _wait_listening(port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            in_flight = asyncio.create_task(client.get("/slow"))
+            await asyncio.sleep(0.2)  # the request is in the app, waiting
+            stopping = asyncio.create_task(listener.stop())
+            await asyncio.sleep(0.2)
+            assert not stopping.done(), "stop() returned with a request in flight"
+            release.set()
+            answer = await in_flight
+            await stopping
+        return answer.status_code, answer.text
+
+    assert asyncio.run(scenario()) == (200, "drained")
+
+
+def test_the_replicas_on_one_node_share_the_port():
+    """Two gateway replicas on one node bind the same port (SO_REUSEPORT); a replacement can bind before
+    the old replica lets go. Each connection is answered by one of them."""
+    port = _free_port()
+
+    async def scenario() -> set[str]:
+        first = GatewayListener(_app("first"), ListenerConfig(host="127.0.0.1", port=port))
+        second = GatewayListener(_app("second"), ListenerConfig(host="127.0.0.1", port=port))
+        first.start()
+        second.start()
+        await _wait_listening(port)
+        answered: set[str] = set()
+        for _ in range(40):  # a new connection each time: the kernel picks a listener per connection
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                answered.add((await client.get("/")).text)
+        await first.stop()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            after = (await client.get("/")).text
+        await second.stop()
+        assert after == "second", "the remaining replica answers once the other stopped"
+        return answered
+
+    assert asyncio.run(scenario()) == {"first", "second"}
+
+
+def test_a_port_taken_by_another_program_fails_the_replica_start_with_the_reason():
+    with socket.socket() as taken:  # no SO_REUSEPORT: not one of the gateway's replicas
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            GatewayListener(_app("gateway"), ListenerConfig(host="127.0.0.1", port=port))
+
+
+def test_the_control_plane_renders_the_listener_into_the_gateway_application():
+    options = RenderOptions(http_host="0.0.0.0", gateway_listen_port=8100,
+                            ssl_certfile="/tls/cert.pem", ssl_keyfile="/tls/key.pem")
+    assert render_gateway_app([], options)["args"]["listener"] == {
+        "host": "0.0.0.0", "port": 8100, "ssl_certfile": "/tls/cert.pem", "ssl_keyfile": "/tls/key.pem"}
+    # Off: the gateway answers through Serve's ports only.
+    assert "listener" not in render_gateway_app([], RenderOptions())["args"]
+    assert "listener" not in render_gateway_app([], RenderOptions.from_settings(
+        Settings(gateway_listen_port=0)))["args"]
+
+
+def test_clinical_apps_are_pointed_at_the_gateways_own_port_when_it_is_on():
+    on = Settings(gateway_host="127.0.0.1", gateway_port=8000, gateway_listen_port=8100)
+    assert (on.gateway_url, on.serve_proxy_url) == ("http://127.0.0.1:8100", "http://127.0.0.1:8000")
+    off = Settings(gateway_host="127.0.0.1", gateway_port=8000, gateway_listen_port=0)
+    assert off.gateway_url == "http://127.0.0.1:8000"
+    assert RenderOptions.from_settings(on).gateway_listen_port == 8100
