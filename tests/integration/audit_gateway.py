@@ -2,7 +2,8 @@
 writer, with the engine call replaced by a canned answer (the audit path is what is under test).
 
 In-process: ``make_state(...)`` then ``create_app()`` over httpx's ASGI transport.
-As a process (to be SIGKILLed): ``python audit_gateway.py DATABASE_URL HOME PORT``.
+As a process (to be SIGKILLed): ``python audit_gateway.py DATABASE_URL HOME PORT``, served as a gateway
+replica serves the gateway's own port.
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ def make_state(database_url: str, home: Path, **settings: Any):  # type: ignore[
     return state
 
 
-if __name__ == "__main__":
-    import uvicorn
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+async def serve_on_own_port(port: int) -> None:
+    """Serve the app as a gateway replica serves the gateway's own port (gateway/listener.py)."""
     from medserve.gateway.app import create_app
+    from medserve.gateway.listener import GatewayListener, ListenerConfig
 
+    GatewayListener(create_app(), ListenerConfig(host="127.0.0.1", port=port)).start()
+    await asyncio.Event().wait()  # until SIGKILLed
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
     make_state(sys.argv[1], Path(sys.argv[2]))
-    uvicorn.run(create_app(), host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
+    asyncio.run(serve_on_own_port(int(sys.argv[3])))
