@@ -141,3 +141,27 @@ def test_clinical_apps_are_pointed_at_the_gateways_own_port_when_it_is_on():
     off = Settings(gateway_host="127.0.0.1", gateway_port=8000, gateway_listen_port=0)
     assert off.gateway_url == "http://127.0.0.1:8000"
     assert RenderOptions.from_settings(on).gateway_listen_port == 8100
+
+
+def test_the_gateways_own_port_speaks_https_with_the_gateways_tls_files(tmp_path):
+    from tests.unit.test_transport_and_inputs import self_signed
+
+    cert, key = self_signed(tmp_path)
+    port = _free_port()
+
+    async def scenario() -> tuple[int, str]:
+        listener = GatewayListener(_app("tls"), ListenerConfig(host="127.0.0.1", port=port,
+                                                               ssl_certfile=cert, ssl_keyfile=key))
+        listener.start()
+        await _wait_listening(port)
+        try:
+            async with httpx.AsyncClient(base_url=f"https://localhost:{port}", verify=cert) as client:
+                answer = await client.get("/")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as plain:
+                with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS port
+                    await plain.get("/")
+        finally:
+            await listener.stop()
+        return answer.status_code, answer.text
+
+    assert asyncio.run(scenario()) == (200, "tls")

@@ -92,6 +92,8 @@ class GatewayListener:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             # Forwarded headers are not trusted: the audit records the peer that connected.
             proxy_headers=False,
+            # No "server: uvicorn" on the hospital's network: the answer names no software it need not.
+            server_header=False,
             ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
         ))
         # uvicorn installs signal handlers only from the main thread, and the replica owns its signals.
