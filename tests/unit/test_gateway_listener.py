@@ -165,3 +165,23 @@ def test_the_gateways_own_port_speaks_https_with_the_gateways_tls_files(tmp_path
         return answer.status_code, answer.text
 
     assert asyncio.run(scenario()) == (200, "tls")
+
+
+def test_a_server_that_ended_without_being_stopped_is_reported_for_the_health_check():
+    """Gateway.check_health raises on ``failed``, and Ray Serve replaces the replica."""
+    port = _free_port()
+
+    async def scenario() -> tuple[object, object]:
+        listener = GatewayListener(_app("gateway"), ListenerConfig(host="127.0.0.1", port=port))
+        listener.start()
+        await _wait_listening(port)
+        serving = listener.failed
+        listener._task.cancel()  # the server's task ends though nobody called stop()
+        await asyncio.sleep(0.05)
+        ended = listener.failed
+        await listener.stop()
+        return serving, ended
+
+    serving, ended = asyncio.run(scenario())
+    assert serving is None
+    assert isinstance(ended, asyncio.CancelledError)

@@ -135,13 +135,15 @@ class Gateway:
         # Ray Serve awaits this on graceful replica shutdown: finish the requests on
         # the gateway's own port (Serve does not see them), then drain the audit queue.
         listener = getattr(self, "listener", None)
-        if listener is not None:
-            self.listener = None
-            await listener.stop()
-        state = getattr(self, "state", None)
-        if state is not None:
-            self.state = None
-            state.close()
+        try:
+            if listener is not None:
+                self.listener = None
+                await listener.stop()
+        finally:  # the audit queue is drained whatever became of the port
+            state = getattr(self, "state", None)
+            if state is not None:
+                self.state = None
+                state.close()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -115,9 +115,13 @@ class GatewayListener:
     async def stop(self) -> None:
         """Close the port, finish the requests in flight (at most GRACEFUL_SHUTDOWN_S), then return."""
         self._server.should_exit = True
-        if self._task is not None:
+        task = self._task
+        if task is not None and not task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), GRACEFUL_SHUTDOWN_S + 5)
+                await asyncio.wait_for(asyncio.shield(task), GRACEFUL_SHUTDOWN_S + 5)
             except (TimeoutError, asyncio.TimeoutError):
                 log.warning("gateway listener on port %d did not stop in time", self.config.port)
+            except Exception:  # noqa: BLE001 - the replica's shutdown (the audit drain) goes on regardless
+                log.exception("gateway listener on port %d failed while stopping", self.config.port)
+        # A server that had already ended (the health check saw it) has nothing left to finish.
         self._socket.close()
