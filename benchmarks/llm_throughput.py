@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--serve-mode", choices=["throughput", "default"], default="throughput",
                         help="throughput: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress); default: Serve's proxy")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     from medserve.engines.base import GenerationParams
     from medserve.engines.loader import load_engine
@@ -154,8 +156,8 @@ def main() -> None:
         # Greedy decoding with one seed: every path generates the same tokens for a prompt, so the engine's
         # seconds over the path's, for the same prompt in the same turn, is the ratio of their speeds; the
         # median of those pairs is not moved by a burst of background load that hit a few requests.
-        paired = sorted(turn["engine"] / turn[name] for turn in seconds_of)
-        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        paired = [turn["engine"] / turn[name] for turn in seconds_of]  # rounds x prompts: always 6 or more
+        quartiles = statistics.quantiles(paired, n=4)
         print(f"| {name} | {tokens} | {seconds:.2f} | {rate:.1f} | {rate / engine_rate:.3f} | "
               f"{statistics.median(paired):.3f} ({quartiles[0]:.3f}-{quartiles[2]:.3f}) |")
 

@@ -357,14 +357,16 @@ class Settings(BaseSettings):
     @property
     def gateway_url(self) -> str:
         """Where clinical apps call the gateway: its own port, else Ray Serve's proxy port."""
-        scheme = "https" if self.tls_cert_file else "http"
-        return f"{scheme}://{self.gateway_host}:{self.gateway_listen_port or self.gateway_port}"
+        return self._gateway_url_on(self.gateway_listen_port or self.gateway_port)
 
     @property
     def serve_proxy_url(self) -> str:
         """Ray Serve's proxy in front of the gateway (every Ray node)."""
-        scheme = "https" if self.tls_cert_file else "http"
-        return f"{scheme}://{self.gateway_host}:{self.gateway_port}"
+        return self._gateway_url_on(self.gateway_port)
+
+    def _gateway_url_on(self, port: int) -> str:
+        # Both gateway ports speak HTTPS when the gateway has TLS files.
+        return f"{'https' if self.tls_cert_file else 'http'}://{self.gateway_host}:{port}"
 
     def pseudonym_key_bytes(self) -> bytes:
         """The HMAC key, generating and persisting one on first use when unset."""

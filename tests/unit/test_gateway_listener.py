@@ -8,15 +8,10 @@ import socket
 import httpx
 import pytest
 
+from medserve.bench.private import free_port
 from medserve.controlplane.render import RenderOptions, render_gateway_app
 from medserve.gateway.listener import GatewayListener, ListenerConfig
 from medserve.settings import Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _app(name: str, release: asyncio.Event | None = None):
@@ -45,7 +40,7 @@ async def _wait_listening(port: int) -> None:
 
 
 def test_a_listener_serves_its_app_in_the_running_loop_and_closes_its_port_on_stop():
-    port = _free_port()
+    port = free_port()
 
     async def scenario() -> tuple[int, str, bool]:
         listener = GatewayListener(_app("gateway"), ListenerConfig(host="127.0.0.1", port=port))
@@ -69,7 +64,7 @@ def test_a_listener_serves_its_app_in_the_running_loop_and_closes_its_port_on_st
 
 def test_stop_finishes_the_requests_in_flight_before_returning():
     """Serve does not see these requests, so the replica's __del__ (listener.stop) must drain them itself."""
-    port = _free_port()
+    port = free_port()
 
     async def scenario() -> tuple[int, str]:
         release = asyncio.Event()
@@ -93,7 +88,7 @@ def test_stop_finishes_the_requests_in_flight_before_returning():
 def test_the_replicas_on_one_node_share_the_port():
     """Two gateway replicas on one node bind the same port (SO_REUSEPORT); a replacement can bind before
     the old replica lets go. Each connection is answered by one of them."""
-    port = _free_port()
+    port = free_port()
 
     async def scenario() -> set[str]:
         first = GatewayListener(_app("first"), ListenerConfig(host="127.0.0.1", port=port))
@@ -147,7 +142,7 @@ def test_the_gateways_own_port_speaks_https_with_the_gateways_tls_files(tmp_path
     from tests.unit.test_transport_and_inputs import self_signed
 
     cert, key = self_signed(tmp_path)
-    port = _free_port()
+    port = free_port()
 
     async def scenario() -> tuple[int, str]:
         listener = GatewayListener(_app("tls"), ListenerConfig(host="127.0.0.1", port=port,
@@ -169,7 +164,7 @@ def test_the_gateways_own_port_speaks_https_with_the_gateways_tls_files(tmp_path
 
 def test_a_server_that_ended_without_being_stopped_is_reported_for_the_health_check():
     """Gateway.check_health raises on ``failed``, and Ray Serve replaces the replica."""
-    port = _free_port()
+    port = free_port()
 
     async def scenario() -> tuple[object, object]:
         listener = GatewayListener(_app("gateway"), ListenerConfig(host="127.0.0.1", port=port))

@@ -258,6 +258,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
     handle_request = Request("POST", "/v1/imaging/bench-noop-replica", NOOP_BODY, headers)
     raw_request = Request("POST", RAW_ROUTE, NOOP_BODY, {"Content-Type": "image/png"})
     c = options.concurrency
+    # The strict phase also sends the gateway's load through Serve's own port and request layer.
+    via = "Serve's direct ingress" if options.throughput_optimized else "Serve's proxy"
     try:
         for durability in ("strict", "batched"):
             log(f"deploying (audit durability {durability})")
@@ -280,7 +282,6 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
             if durability == "strict":
                 # The same gateway through Ray Serve's own port and request layer: what the gateway's own
                 # port saves (gateway/listener.py), in the same run.
-                via = "Serve's direct ingress" if options.throughput_optimized else "Serve's proxy"
                 scenarios.append(Scenario(f"gateway via {via}, noop in gateway, audit strict", serve_url,
                                           noop_request, c, cpu_of=gateway_cpu))
             if options.profile_dir is not None and durability == "strict":
