@@ -8,26 +8,30 @@ import sys
 import threading
 import time
 
-from medserve.bench.cpu import thread_times, tree_cpu_s
+from medserve.bench.cpu import _children_by_parent, thread_times, tree_cpu_s
 from medserve.bench.profile import top_self_frames
 
 
-def test_tree_cpu_counts_a_child_process_burning_cpu():
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"
-                              "while time.process_time() < end: pass\nimport sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)
+def test_tree_cpu_counts_a_grandchild_process_burning_cpu():
+    # The root is a parent made for this test, so no other process of the suite can
+    # join or leave its tree between two readings (pytest's own tree can: a Ray or
+    # PostgreSQL child of an earlier test exiting took its CPU out of the total).
+    burner = ("import time\nend = time.process_time() + 0.6\n"
+              "while time.process_time() < end: pass\nimport sys; sys.stdin.read()")
+    waiter = f"import subprocess, sys\nsys.exit(subprocess.run([sys.executable, '-c', {burner!r}]).returncode)"
+    parent = subprocess.Popen([sys.executable, "-c", waiter], stdin=subprocess.PIPE)
     try:
-        before = tree_cpu_s([os.getpid()])
-        for _ in range(200):  # until the child has burnt its CPU (10 s at most)
-            if tree_cpu_s([child.pid]) >= 0.5:
+        for _ in range(200):  # until the grandchild has burnt its CPU (10 s at most)
+            if tree_cpu_s([parent.pid]) >= 0.5:
                 break
-            subprocess.run(["sleep", "0.05"])
-        # The child is a descendant of this process: its CPU counts in this process's tree.
-        assert tree_cpu_s([os.getpid()]) - before >= 0.4
-        assert tree_cpu_s([child.pid]) >= 0.5
+            time.sleep(0.05)
+        # Only the grandchild burns: the parent waits, so the parent's tree holds its CPU.
+        assert tree_cpu_s([parent.pid]) >= 0.5
+        assert tree_cpu_s([parent.pid]) - tree_cpu_s(_children_by_parent()[parent.pid]) < 0.4
     finally:
-        child.communicate(b"")
-    assert tree_cpu_s([child.pid]) == 0.0  # gone: nothing to read, no error
+        parent.communicate(b"")
+    assert parent.returncode == 0
+    assert tree_cpu_s([parent.pid]) == 0.0  # gone: nothing to read, no error
 
 
 def test_thread_times_tell_a_busy_thread_from_a_blocked_one():
