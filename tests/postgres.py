@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from medserve.bench.private import free_port
 
 APP_ROLE = "medserve"
 
@@ -32,12 +33,6 @@ def find_bin_dir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TemporaryPostgres:
     """One PostgreSQL server in a temporary directory. Use as a context manager or start()/stop()."""
 
@@ -46,7 +41,7 @@ class TemporaryPostgres:
         if found is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
         self.bin_dir = found
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="medserve-pg-"))
         self.data_dir = self.root / "data"
         self.socket_dir = self.root

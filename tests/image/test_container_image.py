@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from medserve.bench.private import free_port
 from medserve.db.engine import current_revision, session_scope
 from medserve.db.models import AuditRecord
 from medserve.security.pseudonyms import pseudonymize
@@ -44,12 +44,6 @@ def image_reference() -> str:
         return given
     return subprocess.run(["make", "-s", "--no-print-directory", "image-name"], cwd=REPO_ROOT,
                           capture_output=True, text=True, check=True).stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def volume(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from medserve.bench.private import free_port
 from medserve.controlplane.local_ray import start_local_ray, stop_local_ray
 from medserve.controlplane.reconcile import ApplyResult, apply_catalog
 from medserve.controlplane.render import RenderOptions
@@ -53,12 +53,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         positions = [index for index, item in enumerate(rest) if item in integration]
         after = positions[-1] + 1 if positions else 0  # right after the other integration tests
         items[:] = rest[:after] + last + rest[after:]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

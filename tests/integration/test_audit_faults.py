@@ -17,6 +17,7 @@ import pytest
 
 from medserve.audit.integrity import verify
 from medserve.audit.writer import AuditWriter
+from medserve.bench.private import free_port
 from medserve.db.engine import session_scope, upgrade
 from medserve.gateway.app import create_app
 from medserve.gateway.state import set_gateway
@@ -118,17 +119,9 @@ def test_postgres_stopped_for_10s_under_load_loses_nothing(pg, db, tmp_path, cap
     assert "MRN-load" not in caplog.text
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_gateway_process_killed_under_load_loses_no_answered_record(pg, db, tmp_path, repo_root):
     url, key = db
-    home, port = tmp_path / "home", _free_port()
+    home, port = tmp_path / "home", free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root / "platform"), str(repo_root)])}
     process = subprocess.Popen([sys.executable, str(repo_root / "tests/integration/audit_gateway.py"), url,
                                 str(home), str(port)], env=env)

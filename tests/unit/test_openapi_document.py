@@ -6,7 +6,6 @@ The same schemathesis run against a live gateway on Ray is tests/integration/tes
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import uvicorn
 from pydantic import ValidationError
 
+from medserve.bench.private import free_port
 from medserve.errors import (
     AuthenticationError,
     DatabaseUnavailableError,
@@ -135,17 +135,11 @@ def test_the_content_types_answered_are_the_ones_documented(document):
     assert set(imaging) == {"application/dicom", "image/png"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_schemathesis_with_every_check_passes_in_process_for_three_roles(tmp_path: Path, database_url: str):
     """The real app and GatewayState over HTTP (uvicorn), engines canned: every check, three roles."""
     with gateway_client(tmp_path, database_url) as (client, _state):
-        port = _free_port()
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
