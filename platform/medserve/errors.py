@@ -58,6 +58,15 @@ class OIDCDiscoveryError(ConfigurationError):
     default_message = "The identity provider's configuration could not be read."
 
 
+class GatewayListenerError(ConfigurationError):
+    """The gateway's own port cannot be served: the port is held by another program, or its TLS files
+    cannot be read. Raised in the gateway replica's constructor, so Ray Serve reports the deployment
+    as failed with this message instead of a replica that starts and then serves nothing."""
+
+    code = "gateway_listener_unavailable"
+    default_message = "The gateway's own port could not be opened."
+
+
 class SpecError(ConfigurationError):
     """A deployment spec file failed to parse or validate."""
 

@@ -10,6 +10,7 @@ import pytest
 
 from medserve.bench.private import free_port
 from medserve.controlplane.render import RenderOptions, render_gateway_app
+from medserve.errors import GatewayListenerError
 from medserve.gateway.listener import GatewayListener, ListenerConfig
 from medserve.settings import Settings
 
@@ -115,8 +116,34 @@ def test_a_port_taken_by_another_program_fails_the_replica_start_with_the_reason
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(OSError):
+        with pytest.raises(GatewayListenerError) as raised:
             GatewayListener(_app("gateway"), ListenerConfig(host="127.0.0.1", port=port))
+    assert raised.value.code == "gateway_listener_unavailable"
+    assert raised.value.details["port"] == port
+    assert "Address already in use" in raised.value.details["reason"]
+
+
+def test_an_unreadable_certificate_fails_the_replica_start_with_the_reason_and_frees_the_port(tmp_path):
+    from tests.unit.test_transport_and_inputs import self_signed
+
+    cert, key = self_signed(tmp_path)
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    port = free_port()
+    for certfile in (str(tmp_path / "missing.pem"), str(garbled)):
+        with pytest.raises(GatewayListenerError) as raised:
+            GatewayListener(_app("tls"), ListenerConfig(host="127.0.0.1", port=port, ssl_certfile=certfile,
+                                                        ssl_keyfile=key))
+        assert raised.value.details["certfile"] == certfile
+    # The port was let go: a listener with readable files binds it.
+    async def scenario() -> None:
+        listener = GatewayListener(_app("tls"), ListenerConfig(host="127.0.0.1", port=port, ssl_certfile=cert,
+                                                               ssl_keyfile=key))
+        listener.start()
+        await _wait_listening(port)
+        await listener.stop()
+
+    asyncio.run(scenario())
 
 
 def test_the_control_plane_renders_the_listener_into_the_gateway_application():

@@ -111,8 +111,14 @@ class Gateway:
         app.max_body_bytes = self.state.settings.max_body_bytes
         self.listener: GatewayListener | None = None
         if listener:
-            # Bound here, in the constructor: a port already taken fails the replica's start with the reason.
-            self.listener = GatewayListener(app, ListenerConfig.model_validate(listener))
+            # Bound here, in the constructor: a port already taken or an unreadable certificate fails
+            # the replica's start with the reason (GatewayListenerError), and the audit writer it
+            # started is stopped, since Serve does not call __del__ on a replica that never started.
+            try:
+                self.listener = GatewayListener(app, ListenerConfig.model_validate(listener))
+            except BaseException:
+                self.state.close()
+                raise
             self.listener.start()
 
     async def __call__(self, request: Request) -> Response:

@@ -37,9 +37,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from medserve.errors import GatewayListenerError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,12 @@ class GatewayListener:
         import uvicorn
 
         self.config = config
-        self._socket = bind_shared(config.host, config.port)
+        try:
+            self._socket = bind_shared(config.host, config.port)
+        except OSError as error:
+            raise GatewayListenerError(
+                "the gateway's own port is taken by a program that is not a gateway replica, or cannot be bound",
+                host=config.host, port=config.port, reason=str(error)) from error
         # uvicorn's own error logger would add a per-message middleware unless it is quiet (as Serve does).
         logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
         self._server = uvicorn.Server(uvicorn.Config(
@@ -98,6 +106,16 @@ class GatewayListener:
         ))
         # uvicorn installs signal handlers only from the main thread, and the replica owns its signals.
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # Load now, not in the server's task: an unreadable certificate then fails the replica's
+        # constructor with the reason, instead of a replica that is up and serves nothing.
+        try:
+            self._server.config.load()
+        except (OSError, ssl.SSLError) as error:
+            self._socket.close()
+            raise GatewayListenerError(
+                "the gateway's TLS certificate or key cannot be read",
+                port=config.port, certfile=config.ssl_certfile, keyfile=config.ssl_keyfile,
+                reason=str(error)) from error
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
