@@ -12,13 +12,19 @@ replica (placement: gateway), each whole and streamed; the paths take turns at
 going first. Prints a table and the ratio of each to the engine (target >= 0.95),
 from the totals and, robust to a burst of background load on a few requests,
 the median of the paired ratios (the engine's seconds over the path's for the
-same prompt in the same turn: greedy decoding makes the tokens the same). A
-benchmark, not a test: it asserts nothing.
+same prompt in the same turn: greedy decoding makes the tokens the same).
+
+A control row, "engine, second process", runs the same engine in a plain
+process of its own (no Ray, no HTTP, no gateway): nothing but the engine
+differs from the reference, so its ratio is the ruler's own spread in this
+run, against which the paths' ratios are read. A benchmark, not a test: it
+asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import threading
@@ -39,6 +45,7 @@ PROMPTS = [
     "How is dehydration recognised in children?",
 ]
 SPEC_NAME = "smollm2-demo"
+CONTROL = "engine, second process (control)"
 
 
 def in_gateway_variant(spec):  # type: ignore[no-untyped-def]
@@ -46,6 +53,23 @@ def in_gateway_variant(spec):  # type: ignore[no-untyped-def]
     model = spec.model.model_copy(update={"name": spec.model.name + "-in-gateway"})
     return spec.model_copy(update={"name": spec.name + "-in-gateway", "model": model, "placement": "gateway",
                                    "alias": None})
+
+
+def _control_engine(connection) -> None:  # type: ignore[no-untyped-def]
+    """The control: the same engine in a plain process of its own; a prompt in, its completion tokens out."""
+    sys.path.insert(0, str(REPO / "platform"))
+    from medserve.engines.base import GenerationParams
+    from medserve.engines.loader import load_engine
+    from medserve.specs import load_catalog
+
+    spec = next(s for s in load_catalog(REPO / "deployments") if s.name == SPEC_NAME)
+    engine, _ = load_engine(spec)
+    connection.send("ready")
+    while (request := connection.recv()) is not None:
+        prompt, max_tokens = request
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
+        tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
+        connection.send(sum(p.tokens for p in engine.generate(tokens, params, threading.Event())))
 
 
 def main() -> None:
@@ -87,9 +111,20 @@ def main() -> None:
         # The gateway's own port, as `up` ships it (gateway/listener.py).
         url, key = platform.gateway_url, platform.key
         models["gateway, engine in gateway"] = here.model.name
-    engine, _ = load_engine(spec)
+    # Spawned, not forked: a process forked from one whose OpenMP pool (llama.cpp's threads) ran can hang.
+    spawn = multiprocessing.get_context("spawn")
+    control_end, control_child_end = spawn.Pipe()
+    control = spawn.Process(target=_control_engine, args=(control_child_end,), daemon=True)
+    try:
+        engine, _ = load_engine(spec)
+        control.start()
+        control_end.recv()
+    except BaseException:
+        if stop is not None:
+            stop()  # never leave the private Ray running
+        raise
     params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=1)
-    totals: dict[str, list[float]] = {"engine": [0, 0.0]}
+    totals: dict[str, list[float]] = {"engine": [0, 0.0], CONTROL: [0, 0.0]}
     for label in models:
         totals[label] = [0, 0.0]
         totals[label + " (stream)"] = [0, 0.0]
@@ -98,6 +133,10 @@ def main() -> None:
     def direct(prompt: str) -> int:
         tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
         return sum(p.tokens for p in engine.generate(tokens, params, threading.Event()))
+
+    def second_process(prompt: str) -> int:
+        control_end.send((prompt, args.max_tokens))
+        return control_end.recv()
 
     def gateway(prompt: str, model: str) -> int:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}],
@@ -123,7 +162,7 @@ def main() -> None:
                     tokens = usage["completion_tokens"] if usage else tokens
         return tokens
 
-    runs = [("engine", direct)]
+    runs = [("engine", direct), (CONTROL, second_process)]
     for label, model in models.items():
         runs.append((label, lambda prompt, model=model: gateway(prompt, model)))
         runs.append((label + " (stream)", lambda prompt, model=model: gateway_stream(prompt, model)))
@@ -146,6 +185,8 @@ def main() -> None:
                 seconds_of[-1][name] = elapsed
     finally:
         client.close()
+        control_end.send(None)  # the control's loop ends; daemon=True covers a control that hangs
+        control.join(timeout=30)
         if stop is not None:
             stop()
 
