@@ -29,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -55,9 +56,10 @@ def in_gateway_variant(spec):  # type: ignore[no-untyped-def]
                                    "alias": None})
 
 
-def _control_engine(connection) -> None:  # type: ignore[no-untyped-def]
-    """The control: the same engine in a plain process of its own; a prompt in, its completion tokens out."""
-    sys.path.insert(0, str(REPO / "platform"))
+def _control_engine(connection: Connection) -> None:
+    """The control: the same engine in a plain process of its own; a prompt in, its completion tokens out.
+
+    Spawned: the child imports this module again, which puts platform/ on its path."""
     from medserve.engines.base import GenerationParams
     from medserve.engines.loader import load_engine
     from medserve.specs import load_catalog
