@@ -183,6 +183,18 @@ def test_status_reads_active_and_pending_applications(target):
     assert statuses["model-brain-mri-tumour"]["message"].startswith("pending: ")
 
 
+def test_status_names_a_failed_deployments_reason(fake_api, target):
+    from tests.unit.test_targets import FAILED_GATEWAY_DEPLOYMENT
+
+    fake_api.obj["status"]["activeServiceStatus"]["applicationStatuses"]["gateway"] = {
+        "status": "DEPLOY_FAILED", "message": "Failed to update the deployments ['Gateway'].",
+        "serveDeploymentStatuses": {"Gateway": FAILED_GATEWAY_DEPLOYMENT}}
+    message = target.application_status()["gateway"]["message"]
+    assert message.startswith("Failed to update the deployments ['Gateway']. Gateway: ")
+    assert message.endswith("GatewayListenerError: the gateway's own port 127.0.0.1:8100 is taken by a program "
+                            "that is not a gateway replica, or cannot be bound ([Errno 98] Address already in use)")
+
+
 def test_delete_all_serves_nothing_but_keeps_the_rest(fake_api, target):
     fake_api.obj["spec"]["serveConfigV2"] = "proxy_location: EveryNode\napplications:\n- name: gateway\n"
     target.delete_all()

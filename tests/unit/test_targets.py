@@ -67,3 +67,38 @@ def test_every_target_implements_the_whole_protocol():
         assert [name for name in methods if not callable(getattr(cls, name, None))] == [], cls.__name__
     # The benchmark's wrapper adds apply and wait_until_running and hands the rest on.
     assert callable(ExtraAppsTarget.wait_until_running) and callable(ExtraAppsTarget.apply)
+
+
+# What Serve's REST API reported when a gateway replica's constructor raised (trimmed traceback).
+FAILED_GATEWAY_DEPLOYMENT = {
+    "status": "DEPLOY_FAILED",
+    "message": (
+        "The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+        "RuntimeError: Traceback (most recent call last):\n"
+        '  File "medserve/gateway/listener.py", line 90, in __init__\n'
+        "OSError: [Errno 98] Address already in use\n\n"
+        "\x1b[36mray::ServeReplica:gateway:Gateway.initialize_and_get_metadata()\x1b[39m (pid=1)\n"
+        "medserve.errors.GatewayListenerError: the gateway's own port 127.0.0.1:8100 is taken by a program "
+        "that is not a gateway replica, or cannot be bound ([Errno 98] Address already in use)\n"
+    ),
+}
+
+
+def test_a_failed_application_names_its_failed_deployments_reason(monkeypatch):
+    details = {"applications": {
+        "gateway": {"status": "DEPLOY_FAILED", "message": "Failed to update the deployments ['Gateway'].",
+                    "deployments": {"Gateway": FAILED_GATEWAY_DEPLOYMENT,
+                                    "Healthy": {"status": "HEALTHY", "message": ""}}},
+        "model-x": {"status": "RUNNING", "message": "", "deployments": {"ModelServer": {"status": "HEALTHY"}}},
+    }}
+    target = RayClusterTarget("http://dashboard.invalid:8265")
+    target._client = httpx.Client(base_url=target.dashboard_url, transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json=details)))
+    with pytest.raises(ClusterError) as raised:
+        target.wait_until_running(["gateway", "model-x"], timeout_s=5)
+    # The operator reads the reason in the one error `up` prints, not in the controller's logs.
+    assert raised.value.message == (
+        "application gateway failed to deploy: Failed to update the deployments ['Gateway']. Gateway: "
+        "medserve.errors.GatewayListenerError: the gateway's own port 127.0.0.1:8100 is taken by a program "
+        "that is not a gateway replica, or cannot be bound ([Errno 98] Address already in use)")
+    assert target.application_status()["model-x"] == {"status": "RUNNING", "message": ""}

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from medserve.controlplane.targets import application_message
 from medserve.errors import ClusterError, ConfigurationError
 
 GROUP = "ray.io"
@@ -103,7 +104,8 @@ class KubeRayTarget:
             for name, app in apps.items():
                 result[name] = {
                     "status": app.get("status") or "UNKNOWN",
-                    "message": prefix + (app.get("message") or ""),
+                    "message": prefix + application_message(app.get("message") or "",
+                                                            app.get("serveDeploymentStatuses")),
                 }
         return result
 

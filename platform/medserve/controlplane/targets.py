@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Protocol
 
@@ -16,7 +17,29 @@ import httpx
 from medserve.errors import ClusterError
 
 RUNNING = "RUNNING"
+# Serve names an application's failure and a deployment's alike.
 FAILED_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def application_message(message: str, deployments: dict[str, Any] | None) -> str:
+    """An application's status message, with the reason of each of its failed deployments appended.
+
+    Serve's message for a failed application only names the deployments
+    ("Failed to update the deployments ['Gateway']."); the reason is the last
+    line of each deployment's own message, the exception a replica's
+    constructor raised (for example ``GatewayListenerError: the gateway's own
+    port ... is taken``), below a traceback an operator need not read first.
+    """
+    reasons = []
+    for name, deployment in sorted((deployments or {}).items()):
+        if (deployment or {}).get("status") not in FAILED_STATES:
+            continue
+        lines = [line.strip() for line in _TERMINAL_COLOURS.sub("", deployment.get("message") or "").splitlines()]
+        last = next((line for line in reversed(lines) if line), "")
+        if last:
+            reasons.append(f"{name}: {last}")
+    return " ".join([message, *reasons]).strip()
 
 
 class ServeTarget(Protocol):
@@ -98,7 +121,8 @@ class RayClusterTarget:
     def application_status(self) -> dict[str, dict[str, Any]]:
         apps = self.serve_details().get("applications") or {}
         return {
-            name: {"status": details.get("status"), "message": details.get("message") or ""}
+            name: {"status": details.get("status"),
+                   "message": application_message(details.get("message") or "", details.get("deployments"))}
             for name, details in apps.items()
         }
 

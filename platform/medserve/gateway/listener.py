@@ -89,8 +89,10 @@ class GatewayListener:
         try:
             self._socket = bind_shared(config.host, config.port)
         except OSError as error:
+            # The port and the reason in the message too: Serve shows an operator the message, not the details.
             raise GatewayListenerError(
-                "the gateway's own port is taken by a program that is not a gateway replica, or cannot be bound",
+                f"the gateway's own port {config.host}:{config.port} is taken by a program that is not a gateway "
+                f"replica, or cannot be bound ({error})",
                 host=config.host, port=config.port, reason=str(error)) from error
         # uvicorn's own error logger would add a per-message middleware unless it is quiet (as Serve does).
         logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
@@ -113,7 +115,7 @@ class GatewayListener:
         except (OSError, ssl.SSLError) as error:
             self._socket.close()
             raise GatewayListenerError(
-                "the gateway's TLS certificate or key cannot be read",
+                f"the gateway's TLS certificate or key cannot be read ({error})",
                 port=config.port, certfile=config.ssl_certfile, keyfile=config.ssl_keyfile,
                 reason=str(error)) from error
         self._task: asyncio.Task[None] | None = None
@@ -137,9 +139,9 @@ class GatewayListener:
         if task is not None and not task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(task), GRACEFUL_SHUTDOWN_S + 5)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:  # asyncio's own, since Python 3.11
                 log.warning("gateway listener on port %d did not stop in time", self.config.port)
-            except Exception:  # noqa: BLE001 - the replica's shutdown (the audit drain) goes on regardless
+            except Exception:  # the replica's shutdown (the audit drain) goes on regardless
                 log.exception("gateway listener on port %d failed while stopping", self.config.port)
         # A server that had already ended (the health check saw it) has nothing left to finish.
         self._socket.close()
