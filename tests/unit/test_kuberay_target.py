@@ -221,6 +221,22 @@ def test_status_command_reads_the_rayservice(fake_api, monkeypatch):
     assert "model-smollm2-demo" in result.output and "DEPLOYING" in result.output
 
 
+def test_status_command_prints_a_failed_applications_whole_reason(fake_api, monkeypatch):
+    from click.testing import CliRunner
+
+    import medserve.controlplane.kuberay as kuberay
+    from medserve.cli.main import cli
+    from tests.unit.test_targets import FAILED_GATEWAY_DEPLOYMENT
+
+    fake_api.obj["status"]["activeServiceStatus"]["applicationStatuses"]["gateway"] = {
+        "status": "DEPLOY_FAILED", "message": "Failed to update the deployments ['Gateway'].",
+        "serveDeploymentStatuses": {"Gateway": FAILED_GATEWAY_DEPLOYMENT}}
+    monkeypatch.setattr(kuberay, "load_kubernetes_api", lambda *_a, **_k: fake_api.api_client())
+    result = CliRunner().invoke(cli, ["status", "--target", "kuberay", "--namespace", NAMESPACE, "--rayservice", NAME])
+    assert result.exit_code == 0, result.output
+    assert "cannot be bound ([Errno 98] Address already in use)" in result.output  # past the first 120 characters
+
+
 def test_reconcile_command_patches_once(fake_api, monkeypatch, repo_root, tmp_path):
     from click.testing import CliRunner
 

@@ -139,7 +139,7 @@ def reconcile(
               help="Gateway whose readiness to show (default: the one `medserve up` started here).")
 def status(target: str, namespace: str, rayservice: str, gateway_url: str | None) -> None:
     """Show each Serve application's state, then the gateway's: audit spool depth and state age."""
-    from medserve.controlplane.targets import RayClusterTarget
+    from medserve.controlplane.targets import FAILED_STATES, RayClusterTarget
 
     if target != "local":
         source = _target(target, namespace, rayservice)
@@ -154,7 +154,11 @@ def status(target: str, namespace: str, rayservice: str, gateway_url: str | None
     if not apps:
         click.echo(f"{source.description}: no Serve application reported yet")
     for name, app in sorted(apps.items()):
-        click.echo(f"{name:<32} {app['status']:<14} {app['message'][:120]}")
+        if app["status"] in FAILED_STATES:
+            # The reason is at the end of a failed application's message (each failed deployment's own).
+            click.echo(f"{name:<32} {app['status']:<14}\n    {app['message']}")
+        else:
+            click.echo(f"{name:<32} {app['status']:<14} {app['message'][:120]}")
     if gateway_url:
         click.echo(_gateway_health_line(gateway_url))
 
