@@ -56,22 +56,31 @@ def in_gateway_variant(spec):  # type: ignore[no-untyped-def]
                                    "alias": None})
 
 
+def demo_spec():  # type: ignore[no-untyped-def]
+    from medserve.specs import load_catalog
+
+    return next(s for s in load_catalog(REPO / "deployments") if s.name == SPEC_NAME)
+
+
+def answer_in_process(engine, prompt: str, max_tokens: int) -> int:  # type: ignore[no-untyped-def]
+    """One greedy answer from an engine in this process; its completion tokens."""
+    from medserve.engines.base import GenerationParams
+
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
+    tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
+    return sum(p.tokens for p in engine.generate(tokens, params, threading.Event()))
+
+
 def _control_engine(connection: Connection) -> None:
     """The control: the same engine in a plain process of its own; a prompt in, its completion tokens out.
 
     Spawned: the child imports this module again, which puts platform/ on its path."""
-    from medserve.engines.base import GenerationParams
     from medserve.engines.loader import load_engine
-    from medserve.specs import load_catalog
 
-    spec = next(s for s in load_catalog(REPO / "deployments") if s.name == SPEC_NAME)
-    engine, _ = load_engine(spec)
+    engine, _ = load_engine(demo_spec())
     connection.send("ready")
     while (request := connection.recv()) is not None:
-        prompt, max_tokens = request
-        params = GenerationParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
-        tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
-        connection.send(sum(p.tokens for p in engine.generate(tokens, params, threading.Event())))
+        connection.send(answer_in_process(engine, *request))
 
 
 def main() -> None:
@@ -88,11 +97,9 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
 
-    from medserve.engines.base import GenerationParams
     from medserve.engines.loader import load_engine
-    from medserve.specs import load_catalog
 
-    spec = next(s for s in load_catalog(REPO / "deployments") if s.name == SPEC_NAME)
+    spec = demo_spec()
     here = in_gateway_variant(spec)
     stop = None
     url, key = args.url, args.key
@@ -125,16 +132,10 @@ def main() -> None:
         if stop is not None:
             stop()  # never leave the private Ray running
         raise
-    params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=1)
-    totals: dict[str, list[float]] = {"engine": [0, 0.0], CONTROL: [0, 0.0]}
-    for label in models:
-        totals[label] = [0, 0.0]
-        totals[label + " (stream)"] = [0, 0.0]
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
 
     def direct(prompt: str) -> int:
-        tokens = engine.chat_prompt([{"role": "user", "content": prompt}])
-        return sum(p.tokens for p in engine.generate(tokens, params, threading.Event()))
+        return answer_in_process(engine, prompt, args.max_tokens)
 
     def second_process(prompt: str) -> int:
         control_end.send((prompt, args.max_tokens))
@@ -168,6 +169,7 @@ def main() -> None:
     for label, model in models.items():
         runs.append((label, lambda prompt, model=model: gateway(prompt, model)))
         runs.append((label + " (stream)", lambda prompt, model=model: gateway_stream(prompt, model)))
+    totals: dict[str, list[float]] = {name: [0, 0.0] for name, _ in runs}  # completion tokens, seconds
     # Per prompt and pass: each path's seconds, to pair with the engine's for the same prompt moments apart.
     seconds_of: list[dict[str, float]] = []
     try:
